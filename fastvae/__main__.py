@@ -1,0 +1,3 @@
+from fastvae.cli import main
+
+raise SystemExit(main())

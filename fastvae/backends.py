@@ -1,0 +1,63 @@
+"""Choosing the model implementation: the reference (plain PyTorch) or the fused Triton one."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastvae.config import VAEConfig
+from fastvae.errors import FastVAEError
+from fastvae.model import ReferenceVAE
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_can_run(device: torch.device) -> bool:
+    """True where the Triton kernels can run: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' picks the fused Triton backend on CUDA (where Triton is installed) and the reference elsewhere."""
+    if backend not in BACKENDS:
+        raise FastVAEError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not kernels_can_run(device):
+        why = "Triton is not installed" if not triton_available() else f"device {device} is not a CUDA GPU"
+        raise FastVAEError(
+            f"backend 'triton' cannot run here: {why} (set TRITON_INTERPRET=1 to interpret on CPU)"
+        )
+    return backend
+
+
+def make_model(
+    config: VAEConfig, backend: str = "torch", device: torch.device | None = None
+) -> torch.nn.Module:
+    device = torch.device("cpu") if device is None else device
+    if resolve_backend(backend, device) == "triton":
+        from fastvae.fused import FusedVAE
+
+        return FusedVAE(config).to(device)
+    return ReferenceVAE(config).to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FastVAEError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastVAEError("device 'cuda' asked for, but no CUDA GPU is available")
+    return torch.device(name)

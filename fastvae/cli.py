@@ -1,0 +1,256 @@
+"""The ``fastvae`` command line (also ``python -m fastvae``).
+
+Every command turns bad input into one line on stderr and exit status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"fastvae: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---- typed flag values ------------------------------------------------------------------------------
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_range(lo: float, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if lo_open else '>='} {lo:g}, got {s!r}"
+            )
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _dims(s: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in s.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return dims
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_train(a: argparse.Namespace) -> int:
+    from fastvae.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset=a.preset,
+        data=a.data,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        device=a.device,
+        out=a.out,
+        backend=a.backend,
+        binarize=a.binarize,
+        max_steps=a.max_steps,
+        checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=a.keep_checkpoints,
+        resume=a.resume,
+        overwrite=a.overwrite,
+        kl_warmup_steps=a.kl_warmup_steps,
+        free_bits=a.free_bits,
+        progress=not a.quiet,
+        hidden_dims=a.hidden_dims,
+        latent_dim=a.latent_dim,
+        activation=a.activation,
+        likelihood=a.likelihood,
+        beta=a.beta,
+    )
+    result = train(cfg)
+    if result.metrics:
+        print(
+            f"test -ELBO {result.metrics[-1]['test_loss']:.3f} nats after {result.step} steps; run in {result.out}"
+        )
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import load_model, read_run_config
+    from fastvae.data import DeviceData, load_dataset
+    from fastvae.evaluate import elbo_stats, importance_weighted_nll
+
+    device = resolve_device(a.device)
+    config, doc = read_run_config(a.run)
+    model = load_model(a.run, device)
+    train_cfg = doc.get("train", {})
+    binarize = bool(train_cfg.get("binarize", False))
+    seed = int(train_cfg.get("seed", 0))
+    data = load_dataset(a.data or train_cfg.get("data", "mnist"), config.likelihood)
+    if data.data_shape != config.data_shape:
+        raise_error(f"{a.data}: samples have shape {data.data_shape}, the model expects {config.data_shape}")
+    test = DeviceData(data.x_test, device)
+    stats = elbo_stats(model, test, seed=seed, binarize=binarize, limit=a.limit)
+    result = {
+        "n": stats.n,
+        "test_elbo": stats.loss,
+        "test_rec": stats.rec,
+        "test_kl": stats.kl,
+        "active_units": stats.active_units,
+    }
+    if a.iw > 0:
+        result["iw_k"] = a.iw
+        result["iw_nll"] = importance_weighted_nll(
+            model, test, a.iw, seed=seed, binarize=binarize, limit=a.limit, progress=not a.json
+        )
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"test -ELBO   {stats.loss:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}; "
+            f"{stats.n} samples, {stats.active_units} active units)"
+        )
+        if a.iw > 0:
+            print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
+    return 0
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    import torch
+
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import load_model
+    from fastvae.images import save_grid
+
+    device = resolve_device(a.device)
+    model = load_model(a.run, device)
+    g = torch.Generator(device=device)
+    g.manual_seed(a.seed)
+    x = model.sample(a.n, generator=g, temperature=a.temperature).float().cpu().numpy()
+    _check_out(a.out)
+    save_grid(x, model.config.data_shape, a.out, ncol=a.ncol or math.ceil(math.sqrt(a.n)))
+    print(f"wrote {a.n} samples to {a.out}")
+    return 0
+
+
+def _check_out(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise_error(f"{path}: the folder {parent} does not exist")
+
+
+def raise_error(message: str) -> None:
+    from fastvae.errors import FastVAEError
+
+    raise FastVAEError(message)
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from fastvae import __version__
+
+    p = _Parser(prog="fastvae", description="Train, evaluate, sample and export MLP VAEs.")
+    p.add_argument("--version", action="version", version=f"fastvae {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
+    t.add_argument("--preset", default="pytorch-example", help="pytorch-example | paper | iwae")
+    t.add_argument("--data", default="mnist", help="'mnist' (bundled) or a .npy/.npz file")
+    t.add_argument("--epochs", type=_int_at_least(1), default=10)
+    t.add_argument("--batch-size", type=_int_at_least(1), default=None, help="global batch (preset default)")
+    t.add_argument("--lr", type=_float_range(0.0, lo_open=True), default=1e-3)
+    t.add_argument("--seed", type=_int_at_least(0), default=0)
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    t.add_argument("--out", default=None, help="run directory (default runs/<preset>-<time>)")
+    t.add_argument(
+        "--binarize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dynamic binarization, re-drawn every batch (default: the preset's)",
+    )
+    t.add_argument("--max-steps", type=_int_at_least(1), default=None)
+    t.add_argument("--checkpoint-every", type=_int_at_least(1), default=None, help="steps")
+    t.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    t.add_argument("--kl-warmup-steps", type=_int_at_least(0), default=0)
+    t.add_argument("--free-bits", type=_float_range(0.0), default=0.0)
+    t.add_argument("--hidden-dims", type=_dims, default=None, help="e.g. 400 or 200,200")
+    t.add_argument("--latent-dim", type=_int_at_least(1), default=None)
+    t.add_argument("--activation", choices=["relu", "tanh"], default=None)
+    t.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=None)
+    t.add_argument("--beta", type=_float_range(0.0), default=None)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="test -ELBO and importance-weighted NLL of a run")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--iw", type=_int_at_least(0), default=5000, help="importance samples (0: skip)")
+    e.add_argument("--limit", type=_int_at_least(1), default=None, help="first N test samples")
+    e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
+    s.add_argument("run", help="run directory")
+    s.add_argument("-n", type=_int_at_least(1), default=64)
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
+    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True), default=1.0, help="scale of z")
+    s.add_argument("--ncol", type=_int_at_least(1), default=None)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="PNG file")
+    s.set_defaults(func=cmd_sample)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Later modules add commands here (export, bench, toolkit) without growing this file's imports.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fastvae.errors import FastVAEError
+
+    try:
+        return args.func(args)
+    except FastVAEError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except MemoryError:
+        return _fail("out of memory; try a smaller --batch-size or --limit")

@@ -1,0 +1,92 @@
+"""Training, checkpoints and the run directory (the reference backend, on the CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from fastvae import TrainConfig, load_model, train
+from fastvae.checkpoint import read_run_config
+from fastvae.data import DeviceData, load_dataset
+from fastvae.errors import FastVAEError
+from fastvae.evaluate import elbo_stats
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(
+        data=str(data),
+        hidden_dims=(32,),
+        latent_dim=4,
+        epochs=2,
+        batch_size=50,
+        device="cpu",
+        out=str(tmp_path / "run"),
+        progress=False,
+        backend="torch",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_training_lowers_the_test_loss(tmp_path, tiny_npz):
+    cfg = _cfg(tmp_path, tiny_npz, epochs=8, lr=5e-3)
+    torch.manual_seed(cfg.seed)
+    from fastvae import ReferenceVAE
+
+    untrained = ReferenceVAE(cfg.model_config((8, 8)))
+    test = DeviceData(load_dataset(str(tiny_npz)).x_test, "cpu")
+    before = elbo_stats(untrained, test).loss
+    result = train(cfg)
+    after = result.metrics[-1]["test_loss"]
+    assert after < 0.8 * before, (before, after)
+    assert [m["epoch"] for m in result.metrics] == list(range(1, 9))
+    for key in ("epoch", "train_loss", "test_loss", "seconds", "samples_per_s", "kl_per_dim", "active_units"):
+        assert key in result.metrics[0]
+
+
+def test_run_directory_contents_and_round_trip(tmp_path, tiny_npz):
+    result = train(_cfg(tmp_path, tiny_npz))
+    out = result.out
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "samples.png", "reconstructions.png"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[-1]["test_loss"] == pytest.approx(result.metrics[-1]["test_loss"])
+    loaded = load_model(out)
+    x = torch.rand(5, 64)
+    eps = torch.randn(5, 4)
+    assert torch.equal(loaded.negative_elbo(x, eps), result.model.negative_elbo(x, eps))
+    config, doc = read_run_config(out)
+    assert config.data_shape == (8, 8) and doc["train"]["batch_size"] == 50
+
+
+def test_same_seed_same_run(tmp_path, tiny_npz):
+    a = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "a"), epochs=1))
+    b = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "b"), epochs=1))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_npz):
+    train(_cfg(tmp_path, tiny_npz, epochs=1))
+    with pytest.raises(FastVAEError, match="already holds a run"):
+        train(_cfg(tmp_path, tiny_npz, epochs=1))
+    train(_cfg(tmp_path, tiny_npz, epochs=1, overwrite=True))
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"preset": "nope"}, "unknown preset"),
+        ({"backend": "cuda"}, "backend"),
+    ],
+)
+def test_bad_train_settings(tmp_path, tiny_npz, kw, fragment):
+    with pytest.raises(FastVAEError, match=fragment):
+        _cfg(tmp_path, tiny_npz, **kw)
+
+
+def test_batch_larger_than_data(tmp_path, tiny_npz):
+    with pytest.raises(FastVAEError, match="exceeds"):
+        train(_cfg(tmp_path, tiny_npz, batch_size=10_000))
