@@ -90,3 +90,12 @@ def test_bad_train_settings(tmp_path, tiny_npz, kw, fragment):
 def test_batch_larger_than_data(tmp_path, tiny_npz):
     with pytest.raises(FastVAEError, match="exceeds"):
         train(_cfg(tmp_path, tiny_npz, batch_size=10_000))
+
+
+def test_triton_backend_follows_the_reference_trajectory(tmp_path, tiny_npz):
+    """Same init, batches and noise: the fused backend's run ends where the reference's does."""
+    ref = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "ref"), epochs=1, backend="torch"))
+    fused = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "fused"), epochs=1, backend="triton"))
+    for (name, p), q in zip(ref.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused.metrics[-1]["test_loss"] == pytest.approx(ref.metrics[-1]["test_loss"], rel=1e-4)
