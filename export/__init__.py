@@ -1,1 +1,19 @@
-"""fastvae.export: ONNX export of a trained decoder and a torch-free CPU sampler (from the repo's export/)."""
+"""fastvae.export: ONNX export of a trained decoder and a torch-free CPU sampler.
+
+Installed from the repository's ``export/`` folder as ``fastvae.export``. Importing this package (or
+``fastvae.export.sample``) does not import torch: ``Sampler`` needs only numpy and onnxruntime (and
+Pillow for PNG grids); ``export_decoder`` loads torch when it is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"Sampler": "fastvae.export.sample", "export_decoder": "fastvae.export.onnx_export"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastvae.export' has no attribute {name!r}")

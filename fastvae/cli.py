@@ -162,6 +162,20 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from fastvae.export.onnx_export import export_decoder
+
+    res = export_decoder(a.run, a.out, int8=a.int8)
+    extra = ""
+    if a.int8:
+        extra = (
+            f"; int8 max probability error {res.metadata['int8_max_prob_error']}, "
+            f"test -ELBO change {float(res.metadata['int8_test_elbo_change']):+.3f} nats"
+        )
+    print(f"wrote {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})")
+    return 0
+
+
 def _check_out(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -232,13 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_sample)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    x = sub.add_parser("export", help="export the decoder to ONNX (checked against PyTorch)")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--out", required=True, help="ONNX file to write")
+    x.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization")
+    x.set_defaults(func=cmd_export)
     return p
-
-
-# Later modules add commands here (export, bench, toolkit) without growing this file's imports.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
