@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+# Test hook: seconds to pause inside each checkpoint write (tests kill the process in that window).
+_WRITE_PAUSE = float(os.environ.get("FASTVAE_CHECKPOINT_PAUSE", "0") or 0)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -199,6 +202,8 @@ def save_checkpoint(
         opt_bytes = tensors_to_bytes(opt_tensors)
         for name, data in ((WEIGHTS_FILE, model_bytes), ("optimizer.safetensors", opt_bytes)):
             atomic_write_bytes(tmp / name, data)
+            if _WRITE_PAUSE:  # fault injection for the tests: hold the write open so a kill lands mid-write
+                time.sleep(_WRITE_PAUSE)
         doc = {
             **state,
             "step": step,

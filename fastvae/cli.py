@@ -67,10 +67,11 @@ def _dims(s: str) -> tuple[int, ...]:
 
 
 # ---- commands ---------------------------------------------------------------------------------------
-def cmd_train(a: argparse.Namespace) -> int:
-    from fastvae.trainer import TrainConfig, train
+def train_config_from_args(a: argparse.Namespace):
+    """The TrainConfig a ``fastvae train`` command line describes (validated; raises FastVAEError)."""
+    from fastvae.trainer import TrainConfig
 
-    cfg = TrainConfig(
+    return TrainConfig(
         preset=a.preset,
         data=a.data,
         epochs=a.epochs,
@@ -95,8 +96,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         likelihood=a.likelihood,
         beta=a.beta,
     )
-    result = train(cfg)
-    if result.metrics:
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from fastvae.trainer import train
+
+    result = train(train_config_from_args(a))
+    if result.metrics and result.rank == 0:
         print(
             f"test -ELBO {result.metrics[-1]['test_loss']:.3f} nats after {result.step} steps; run in {result.out}"
         )
@@ -215,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=_int_at_least(1), default=None)
     t.add_argument("--checkpoint-every", type=_int_at_least(1), default=None, help="steps")
     t.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (start it if there is none)"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--kl-warmup-steps", type=_int_at_least(0), default=0)
     t.add_argument("--free-bits", type=_float_range(0.0), default=0.0)

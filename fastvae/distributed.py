@@ -54,7 +54,17 @@ def setup(device_name: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT, **kwargs)
+        # torchrun keeps one key-value store across worker restarts; without a per-attempt namespace a
+        # restarted rank can read the previous attempt's (dead) peer addresses and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+            timeout=COLLECTIVE_TIMEOUT,
+        )  # fmt: skip
+        store = dist.PrefixStore(f"fastvae/attempt-{attempt}", base)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT, **kwargs
+        )
     return DistInfo(rank, world, local_rank, device)
 
 

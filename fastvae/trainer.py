@@ -57,7 +57,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at each epoch end)
     keep_checkpoints: int = 3
-    resume: bool = False
+    resume: bool = False  # continue the run in `out` if there is one (else start it: torchrun restarts)
     overwrite: bool = False
     kl_warmup_steps: int = 0  # beta rises linearly from 0 to its value over this many steps
     free_bits: float = 0.0  # per-dimension KL floor in nats (batch-averaged, Kingma et al. 2016)
@@ -130,6 +130,7 @@ class RunResult:
     model: torch.nn.Module
     metrics: list[dict[str, Any]]
     step: int
+    rank: int = 0
 
 
 class Divergence(FastVAEError):
@@ -159,15 +160,14 @@ def kl_beta(cfg: TrainConfig, beta: float, step: int) -> float:
     return beta * min(1.0, (step + 1) / cfg.kl_warmup_steps)
 
 
-def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
+    """The run directory, and whether this run resumes one. Every rank decides before the barrier, so
+    no rank can see files that rank 0 writes after it."""
     out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
     if out.exists() and not out.is_dir():
         raise FastVAEError(f"{out}: exists and is not a directory")
-    if cfg.resume:
-        if not has_run:
-            raise FastVAEError(f"{out}: nothing to resume (no run there)")
-    elif has_run:
+    if not cfg.resume and has_run:
         if not cfg.overwrite:
             raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
         if info.is_main:
@@ -186,7 +186,7 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     info.barrier()
-    return out
+    return out, cfg.resume and bool(ckpt.list_checkpoints(out))  # killed before a checkpoint: start over
 
 
 def _make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -292,18 +292,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    run_dir = prepare_run_dir(cfg, info)
+    run_dir, resuming = prepare_run_dir(cfg, info)
     torch.manual_seed(cfg.seed)  # parameter initialization
     model = make_model(model_cfg, backend=backend, device=device)
     opt = _make_optimizer(model, cfg.lr, device)
     doc = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "fastvae_version": fastvae.__version__}
-    step, metrics, epoch_loss, epoch_seconds = 0, [], 0.0, 0.0
-    if cfg.resume:
+    # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
+    step, metrics, epoch_loss, epoch_seconds, epoch_steps = 0, [], 0.0, 0.0, 0
+    if resuming:
         old_model, old_doc = ckpt.read_run_config(run_dir)
         if old_model != model_cfg:
             raise FastVAEError(f"{run_dir}: the run was trained with a different model config; cannot resume")
         state = _restore(run_dir, model, opt)
         step, epoch_loss, epoch_seconds = state["step"], state["epoch_loss"], state["epoch_seconds"]
+        epoch_steps = state["epoch_steps"]
+        if info.is_main:
+            tqdm.write(f"fastvae: resuming {run_dir} from step {step}", file=sys.stderr)
         if info.is_main:
             metrics = _trim_metrics(run_dir, step // steps_per_epoch)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -335,9 +339,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             state = {
                 "epoch_loss": epoch_loss,
                 "epoch_seconds": epoch_seconds,
+                "epoch_steps": epoch_steps,
                 "epoch": step_now // steps_per_epoch,
                 "torch_rng": torch.get_rng_state().tolist(),
                 "fastvae_version": fastvae.__version__,
+                "config": doc,
             }
             ckpt.save_checkpoint(run_dir, step_now, model, opt, state, cfg.keep_checkpoints)
         info.barrier()
@@ -380,6 +386,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 )
             opt.step()
             step += 1
+            epoch_steps += 1
             run_sum += nelbo.detach().double().sum()
             if cfg.progress and info.is_main and (i - first) % 25 == 0:
                 bar.set_postfix(loss=f"{run_sum.item() / ((i - first + 1) * local_b):.2f}")
@@ -392,7 +399,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         bar.close()
         epoch_seconds += timer.stop()
         epoch_loss += info.all_reduce_sum(run_sum).item()
-        done = step - epoch * steps_per_epoch
         if step % steps_per_epoch == 0 or step == total_steps:
             stats = elbo_stats(
                 model,
@@ -405,14 +411,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             rec = {
                 "epoch": epoch + 1,
                 "step": step,
-                "train_loss": epoch_loss / (done * cfg.batch_size),
+                "train_loss": epoch_loss / (epoch_steps * cfg.batch_size),
                 "test_loss": stats.loss,
                 "test_rec": stats.rec,
                 "test_kl": stats.kl,
                 "kl_per_dim": [round(k, 5) for k in stats.kl_per_dim],
                 "active_units": stats.active_units,
                 "seconds": epoch_seconds,
-                "samples_per_s": done * cfg.batch_size / max(epoch_seconds, 1e-9),
+                "samples_per_s": epoch_steps * cfg.batch_size / max(epoch_seconds, 1e-9),
                 "beta": kl_beta(cfg, model_cfg.beta, step - 1),
             }
             metrics.append(rec)
@@ -423,7 +429,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                     f"(KL {stats.kl:.2f}, {stats.active_units} active)  {epoch_seconds:.1f}s  "
                     f"{rec['samples_per_s']:,.0f} samples/s"
                 )
-            epoch_loss, epoch_seconds = 0.0, 0.0
+            epoch_loss, epoch_seconds, epoch_steps = 0.0, 0.0, 0
             save(step)
     if info.is_main:
         ckpt.write_weights(
@@ -431,4 +437,4 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         )
         write_images(model, test_data, run_dir, cfg.seed, cfg.binarize)
     info.barrier()
-    return RunResult(run_dir, model, metrics, step)
+    return RunResult(run_dir, model, metrics, step, info.rank)

@@ -1,0 +1,149 @@
+"""Nothing lost: checkpoints, exact resume after SIGKILL, divergence, and loading errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastvae import ReferenceVAE, TrainConfig, load_model, train
+from fastvae.checkpoint import list_checkpoints, load_checkpoint
+from fastvae.errors import FastVAEError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# MNIST, a 784-64-8 net, 240 steps of 64 with a checkpoint every 40: a few seconds on 2 CPU cores
+RUN_ARGS = ["train", "--hidden-dims", "64", "--latent-dim", "8", "--batch-size", "64", "--max-steps", "240",
+            "--checkpoint-every", "40", "--device", "cpu", "--quiet", "--keep-checkpoints", "2"]  # fmt: skip
+
+
+def _fastvae(args, env=ENV, **kw):
+    return subprocess.Popen([sys.executable, "-m", "fastvae", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def _wait_for(pred, timeout=120.0):
+    t = time.time()
+    while not pred():
+        if time.time() - t > timeout:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _finish(_fastvae([*RUN_ARGS, "--out", out]))
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("moment", ["while training", "during a checkpoint write"])
+def test_sigkill_then_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, uninterrupted, moment):
+    out = tmp_path / "run"
+    ckdir = out / "checkpoints"
+    env = {**ENV, "FASTVAE_CHECKPOINT_PAUSE": "0.5"} if moment != "while training" else ENV
+    proc = _fastvae([*RUN_ARGS, "--out", out], env=env)
+    if moment == "while training":
+        _wait_for(lambda: ckdir.is_dir() and any(p.name.startswith("step-") for p in ckdir.iterdir()))
+    else:  # a half-written checkpoint folder exists after a complete one
+        _wait_for(
+            lambda: ckdir.is_dir() and len(list(ckdir.glob("step-*"))) >= 1 and any(ckdir.glob(".step-*"))
+        )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()  # it really was cut short
+    for ck in list_checkpoints(out):  # whatever is there verifies
+        load_checkpoint(ck)
+    _, err = _finish(_fastvae([*RUN_ARGS, "--out", out, "--resume"]))
+    assert "resuming" in err
+    resumed = load_file(out / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    assert len(list_checkpoints(out)) == 2  # the last K kept
+    assert not list(ckdir.glob(".step-*"))  # leftovers of the killed write are gone
+
+
+def _small(tmp_path, data, **kw):
+    base = dict(data=str(data), hidden_dims=(32,), latent_dim=4, epochs=2, batch_size=50, device="cpu",
+                out=str(tmp_path / "run"), progress=False, backend="torch", checkpoint_every=5)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path, tiny_npz):
+    train(_small(tmp_path, tiny_npz))
+    cks = list_checkpoints(tmp_path / "run")
+    assert [c.name for c in cks] == [
+        "step-000000010",
+        "step-000000015",
+        "step-000000020",
+    ]  # every 5 steps, last 3
+    model_t, opt_sd, state = load_checkpoint(cks[-1])
+    assert state["step"] == 20 and state["epoch"] == 2 and state["config"]["model"]["latent_dim"] == 4
+    assert len(state["torch_rng"]) > 0 and opt_sd["state"][0]["exp_avg"].shape == (32, 64)
+    assert set(model_t) == set(ReferenceVAE(_small(tmp_path, tiny_npz).model_config((8, 8))).state_dict())
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_npz, monkeypatch):
+    calls = {"n": 0}
+    real = ReferenceVAE.forward
+
+    def poisoned(self, *a, **kw):
+        calls["n"] += 1
+        objective, nelbo = real(self, *a, **kw)
+        return (objective * float("nan") if calls["n"] == 8 else objective), nelbo
+
+    monkeypatch.setattr(ReferenceVAE, "forward", poisoned)
+    with pytest.raises(FastVAEError, match=r"non-finite loss at step 8 .*lower --lr") as exc:
+        train(_small(tmp_path, tiny_npz))
+    assert "\n" not in str(exc.value)
+    cks = list_checkpoints(tmp_path / "run")
+    assert [c.name for c in cks] == ["step-000000005"]
+    model_t, _, state = load_checkpoint(cks[0])
+    assert state["step"] == 5 and all(torch.isfinite(t).all() for t in model_t.values())
+
+
+def test_loading_rejects_mismatched_or_unknown_config(tmp_path, tiny_npz):
+    train(_small(tmp_path, tiny_npz, epochs=1))
+    run = tmp_path / "run"
+    doc = json.loads((run / "config.json").read_text())
+    bad = {**doc, "model": {**doc["model"], "latent_dim": 5}}
+    (run / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(FastVAEError, match="do not match the config"):
+        load_model(run)
+    bad = {**doc, "model": {**doc["model"], "dropout": 0.5}}
+    (run / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(FastVAEError, match="unknown config key"):
+        load_model(run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(FastVAEError, match="not valid JSON"):
+        load_model(run)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_npz):
+    train(_small(tmp_path, tiny_npz, epochs=1, checkpoint_every=3, keep_checkpoints=3))
+    run = tmp_path / "run"
+    newest = list_checkpoints(run)[-1]
+    opt = newest / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])  # truncated
+    with pytest.raises(FastVAEError, match="checksum mismatch"):
+        load_checkpoint(newest)
+    res = train(_small(tmp_path, tiny_npz, epochs=2, checkpoint_every=3, keep_checkpoints=3, resume=True))
+    assert res.step == 20
+
+
+def test_resume_without_a_run_starts_one(tmp_path, tiny_npz):
+    res = train(_small(tmp_path, tiny_npz, epochs=1, resume=True))
+    assert res.step == 10 and Path(res.out, "model.safetensors").exists()
