@@ -88,6 +88,7 @@ def train_config_from_args(a: argparse.Namespace):
         resume=a.resume,
         overwrite=a.overwrite,
         kl_warmup_steps=a.kl_warmup_steps,
+        kl_warmup_epochs=a.kl_warmup_epochs,
         free_bits=a.free_bits,
         progress=not a.quiet,
         hidden_dims=a.hidden_dims,
@@ -182,6 +183,154 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run(a: argparse.Namespace):
+    """(model, model config, run doc, test images as float (N, D), test labels or None) of a run."""
+    import torch
+
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import load_model, read_run_config
+    from fastvae.data import load_dataset
+
+    device = resolve_device(getattr(a, "device", "auto"))
+    config, doc = read_run_config(a.run)
+    model = load_model(a.run, device)
+    data = load_dataset(doc.get("train", {}).get("data", "mnist"), config.likelihood)
+    x = data.x_test.reshape(len(data.x_test), -1)
+    x = torch.from_numpy(x).float() / 255.0 if x.dtype.name == "uint8" else torch.from_numpy(x).float()
+    return model, config, doc, x, data.y_test
+
+
+def cmd_interpolate(a: argparse.Namespace) -> int:
+    import torch
+
+    from fastvae.images import save_grid
+    from fastvae.toolkit import interpolate
+
+    model, config, _, x, _ = _load_run(a)
+    for name, i in (("--a", a.a), ("--b", a.b)):
+        if not 0 <= i < len(x):
+            raise_error(f"{name} {i} is not a test image index (0..{len(x) - 1})")
+    _check_out(a.out)
+    path = interpolate(model, x[a.a], x[a.b], a.steps).cpu()
+    row = torch.cat([x[a.a][None], path, x[a.b][None]]).numpy()  # image a, the line, image b
+    save_grid(row, config.data_shape, a.out, ncol=len(row), scale=3)
+    print(
+        f"wrote {a.out}: test image {a.a}, {a.steps} decoded points from mu({a.a}) to mu({a.b}), test image {a.b}"
+    )
+    return 0
+
+
+def cmd_manifold(a: argparse.Namespace) -> int:
+    from fastvae.images import save_grid
+    from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
+
+    model, config, _, x, _ = _load_run(a)
+    _check_out(a.out)
+    if config.latent_dim == 2:
+        dims = (0, 1)
+    else:
+        dims = tuple(most_active_dims(kl_per_dim_on(model, x[:2000]), 2))
+    images, _ = manifold(model, a.n, dims)
+    save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
+    other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
+    print(f"wrote {a.out}: {a.n}x{a.n} grid over latent dims {dims[0]} (down) and {dims[1]} (across){other}")
+    return 0
+
+
+def cmd_latents(a: argparse.Namespace) -> int:
+    from fastvae.toolkit import posterior_means, project_2d
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise_error("fastvae latents needs matplotlib: pip install 'fastvae[plot]'")
+    model, config, _, x, labels = _load_run(a)
+    _check_out(a.out)
+    n = min(a.limit, len(x))
+    coords, axes = project_2d(posterior_means(model, x[:n]))
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    if labels is not None:
+        labels = labels[:n]
+        for c in sorted(set(labels.tolist())):
+            m = labels == c
+            ax.scatter(
+                coords[m, 0], coords[m, 1], s=3, alpha=0.6, label=str(c), color=plt.cm.tab10(int(c) % 10)
+            )
+        ax.legend(title="label", markerscale=4, loc="best", fontsize=8)
+    else:
+        ax.scatter(coords[:, 0], coords[:, 1], s=3, alpha=0.6)
+    ax.set_title(f"posterior means of {n} test samples: {axes}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(a.out)
+    plt.close(fig)
+    print(f"wrote {a.out}: {n} test posterior means ({axes})")
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    import csv
+
+    import torch
+
+    from fastvae.data import load_array
+    from fastvae.toolkit import anomaly_scores
+
+    model, config, _, x_test, _ = _load_run(a)
+    arr = load_array(a.data, config.likelihood)
+    if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
+        raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
+    x = arr.reshape(len(arr), -1)
+    x = torch.from_numpy(x).float() / 255.0 if x.dtype.name == "uint8" else torch.from_numpy(x).float()
+    _check_out(a.out)
+    nelbo, iw = anomaly_scores(model, x, a.iw)
+    with open(a.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "neg_elbo", f"iw_nll_k{a.iw}"])
+        for i, (e, q) in enumerate(zip(nelbo, iw)):
+            w.writerow([i, f"{e:.4f}", f"{q:.4f}"])
+    print(
+        f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
+    )
+    if a.plot:
+        _plot_scores(model, x_test[: a.reference_limit], nelbo if a.iw == 0 else iw, a)
+    return 0
+
+
+def _plot_scores(model, x_ref, scores, a: argparse.Namespace) -> None:
+    """Histogram of the scores against the run's own held-out test split, with the ROC AUC."""
+    import numpy as np
+
+    from fastvae.toolkit import anomaly_scores, roc_auc
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise_error("--plot needs matplotlib: pip install 'fastvae[plot]'")
+    _check_out(a.plot)
+    ref_elbo, ref_iw = anomaly_scores(model, x_ref, a.iw)
+    ref = ref_elbo if a.iw == 0 else ref_iw
+    auc = roc_auc(ref, scores)
+    what = "-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})"
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    bins = np.histogram_bin_edges(np.concatenate([ref, scores]), bins=60)
+    ax.hist(ref, bins=bins, alpha=0.6, density=True, label=f"held-out test split ({len(ref)})")
+    ax.hist(scores, bins=bins, alpha=0.6, density=True, label=f"{Path(a.data).name} ({len(scores)})")
+    ax.set_xlabel(f"{what}, nats")
+    ax.set_ylabel("density")
+    ax.set_title(f"anomaly scores: ROC AUC {auc:.3f} (scored data vs test split)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.plot)
+    plt.close(fig)
+    print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
+
+
 def _check_out(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -225,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out (start it if there is none)"
     )
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    t.add_argument("--kl-warmup-steps", type=_int_at_least(0), default=0)
+    t.add_argument(
+        "--kl-warmup-steps", type=_int_at_least(0), default=0, help="beta rises linearly over N steps"
+    )
+    t.add_argument("--kl-warmup-epochs", type=_int_at_least(0), default=0, help="... or over N epochs")
     t.add_argument("--free-bits", type=_float_range(0.0), default=0.0)
     t.add_argument("--hidden-dims", type=_dims, default=None, help="e.g. 400 or 200,200")
     t.add_argument("--latent-dim", type=_int_at_least(1), default=None)
@@ -253,6 +405,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("interpolate", help="decode the line between two test images' posterior means")
+    i.add_argument("run", help="run directory")
+    i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
+    i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
+    i.add_argument("--steps", type=_int_at_least(2), default=10)
+    i.add_argument("--out", default="interpolation.png")
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=cmd_interpolate)
+
+    m = sub.add_parser(
+        "manifold", help="decode a grid over the latent space (2-D, or the 2 most active dims)"
+    )
+    m.add_argument("run", help="run directory")
+    m.add_argument("-n", type=_int_at_least(2), default=20, help="grid side")
+    m.add_argument("--out", default="manifold.png")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_manifold)
+
+    lt = sub.add_parser("latents", help="scatter of test posterior means coloured by label")
+    lt.add_argument("run", help="run directory")
+    lt.add_argument("--limit", type=_int_at_least(1), default=5000, help="test samples to plot")
+    lt.add_argument("--out", default="latents.png")
+    lt.add_argument("--device", default="auto")
+    lt.set_defaults(func=cmd_latents)
+
+    sc = sub.add_parser("score", help="per-sample -ELBO and IW NLL as anomaly scores (CSV)")
+    sc.add_argument("run", help="run directory")
+    sc.add_argument(
+        "--data", required=True, help=".npy/.npz of samples to score, or 'mnist' (its test split)"
+    )
+    sc.add_argument("--iw", type=_int_at_least(0), default=100, help="importance samples (0: -ELBO only)")
+    sc.add_argument("--out", default="scores.csv")
+    sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
+    sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
+    sc.add_argument("--device", default="auto")
+    sc.set_defaults(func=cmd_score)
 
     x = sub.add_parser("export", help="export the decoder to ONNX (checked against PyTorch)")
     x.add_argument("run", help="run directory")

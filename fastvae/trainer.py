@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in `out` if there is one (else start it: torchrun restarts)
     overwrite: bool = False
     kl_warmup_steps: int = 0  # beta rises linearly from 0 to its value over this many steps
+    kl_warmup_epochs: int = 0  # the same in epochs (used when kl_warmup_steps is 0)
     free_bits: float = 0.0  # per-dimension KL floor in nats (batch-averaged, Kingma et al. 2016)
     eval_batch_size: int = 1000
     progress: bool = True
@@ -83,6 +84,7 @@ class TrainConfig:
         _check_int("seed", self.seed, 0)
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         _check_int("kl_warmup_steps", self.kl_warmup_steps, 0)
+        _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
         _check_int("eval_batch_size", self.eval_batch_size, 1)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1)
@@ -154,10 +156,11 @@ def step_noise(
     return x, eps
 
 
-def kl_beta(cfg: TrainConfig, beta: float, step: int) -> float:
-    if cfg.kl_warmup_steps <= 0:
+def kl_beta(warmup_steps: int, beta: float, step: int) -> float:
+    """KL weight at ``step`` (0-based): linear from beta / warmup_steps up to beta, then constant."""
+    if warmup_steps <= 0:
         return beta
-    return beta * min(1.0, (step + 1) / cfg.kl_warmup_steps)
+    return beta * min(1.0, (step + 1) / warmup_steps)
 
 
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
@@ -289,6 +292,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if steps_per_epoch == 0:
         raise FastVAEError(f"batch_size {cfg.batch_size} exceeds the {n_train} training samples")
     total_steps = steps_per_epoch * cfg.epochs
+    warmup = cfg.kl_warmup_steps or cfg.kl_warmup_epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -373,7 +377,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 train_data.batch(idx),
                 cfg.binarize,
             )
-            objective, nelbo = net(x, eps, beta=kl_beta(cfg, model_cfg.beta, step), free_bits=cfg.free_bits)
+            objective, nelbo = net(
+                x, eps, beta=kl_beta(warmup, model_cfg.beta, step), free_bits=cfg.free_bits
+            )
             opt.zero_grad(set_to_none=True)
             objective.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -419,7 +425,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 "active_units": stats.active_units,
                 "seconds": epoch_seconds,
                 "samples_per_s": epoch_steps * cfg.batch_size / max(epoch_seconds, 1e-9),
-                "beta": kl_beta(cfg, model_cfg.beta, step - 1),
+                "beta": kl_beta(warmup, model_cfg.beta, step - 1),
             }
             metrics.append(rec)
             if info.is_main:
