@@ -89,6 +89,8 @@ def train_config_from_args(a: argparse.Namespace):
         overwrite=a.overwrite,
         kl_warmup_steps=a.kl_warmup_steps,
         kl_warmup_epochs=a.kl_warmup_epochs,
+        dtype=a.dtype,
+        cuda_graph=a.cuda_graph,
         free_bits=a.free_bits,
         progress=not a.quiet,
         hidden_dims=a.hidden_dims,
@@ -331,6 +333,12 @@ def _plot_scores(model, x_ref, scores, a: argparse.Namespace) -> None:
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from fastvae.bench import main_args
+
+    return main_args(a)
+
+
 def _check_out(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -384,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", choices=["relu", "tanh"], default=None)
     t.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=None)
     t.add_argument("--beta", type=_float_range(0.0), default=None)
+    t.add_argument("--dtype", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="bf16: fp32 master weights, bf16 compute (CUDA engine)")  # fmt: skip
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -442,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
     sc.add_argument("--device", default="auto")
     sc.set_defaults(func=cmd_score)
+
+    b = sub.add_parser(
+        "bench", help="time one training step of fastvae against eager, compile and CUDA graphs"
+    )
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--presets", nargs="+", default=["pytorch-example", "paper", "iwae"])
+    b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=[128, 1024, 16384])
+    b.add_argument("--dtypes", nargs="+", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="default: fp32 tf32 bf16 on CUDA, fp32 on the CPU")  # fmt: skip
+    b.add_argument("--steps", type=_int_at_least(5), default=200, help="timed steps per cell")
+    b.add_argument("--warmup", type=_int_at_least(0), default=20)
+    b.add_argument("--no-epoch", action="store_true", help="skip the full-MNIST-epoch timing")
+    b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
+    b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("export", help="export the decoder to ONNX (checked against PyTorch)")
     x.add_argument("run", help="run directory")

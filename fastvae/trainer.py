@@ -26,6 +26,7 @@ from fastvae.backends import BACKENDS, make_model, resolve_backend
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
+from fastvae.engine import DTYPES, TrainStep, make_optimizer, set_matmul_precision
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats, eval_batch
 from fastvae.images import save_grid
@@ -64,6 +65,10 @@ class TrainConfig:
     free_bits: float = 0.0  # per-dimension KL floor in nats (batch-averaged, Kingma et al. 2016)
     eval_batch_size: int = 1000
     progress: bool = True
+    # fp32 | tf32 | bf16 (bf16: fp32 master weights, bf16 compute; needs the CUDA engine)
+    dtype: str = "fp32"
+    # Capture the whole step in a CUDA graph (fastvae.engine); None: on for CUDA in a single process.
+    cuda_graph: bool | None = None
     # Model overrides of the preset (None keeps the preset's value).
     hidden_dims: tuple[int, ...] | None = None
     latent_dim: int | None = None
@@ -96,6 +101,8 @@ class TrainConfig:
             raise FastVAEError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
         if self.backend not in BACKENDS:
             raise FastVAEError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise FastVAEError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise FastVAEError("--resume and --overwrite exclude each other")
         self.model_config()  # validates the overrides
@@ -137,6 +144,21 @@ class RunResult:
 
 class Divergence(FastVAEError):
     """A non-finite loss or gradient."""
+
+
+# The CUDA engine reads its loss back (one host sync) every this many steps, and checks it is finite.
+ENGINE_CHECK_EVERY = 100
+
+
+def _check_engine_loss(engine, run_sum, step: int, epoch: int, run_dir: Path, cfg) -> None:
+    value = engine.read_loss()
+    if not math.isfinite(value):
+        raise Divergence(
+            f"non-finite loss within the {ENGINE_CHECK_EVERY} steps before step {step} (epoch {epoch + 1}); the last "
+            f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {cfg.lr:g}), use "
+            "--kl-warmup-steps, or check the data for extreme values"
+        )
+    run_sum += value
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
@@ -190,11 +212,6 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
         out.mkdir(parents=True, exist_ok=True)
     info.barrier()
     return out, cfg.resume and bool(ckpt.list_checkpoints(out))  # killed before a checkpoint: start over
-
-
-def _make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    # Fused Adam: one kernel for all parameters on CUDA, a vectorized loop on the CPU.
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"))
 
 
 def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -296,10 +313,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (device.type == "cuda" and not info.enabled)
+    if use_graph and (device.type != "cuda" or info.enabled):
+        raise FastVAEError("--cuda-graph needs a CUDA device and a single process (not torchrun)")
+    if cfg.dtype == "bf16" and not use_graph:
+        raise FastVAEError("--dtype bf16 runs on the CUDA engine only (a single CUDA process)")
+    set_matmul_precision(cfg.dtype)
     run_dir, resuming = prepare_run_dir(cfg, info)
     torch.manual_seed(cfg.seed)  # parameter initialization
     model = make_model(model_cfg, backend=backend, device=device)
-    opt = _make_optimizer(model, cfg.lr, device)
+    opt = make_optimizer(model, cfg.lr, cuda_graph=use_graph)
     doc = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "fastvae_version": fastvae.__version__}
     # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
     step, metrics, epoch_loss, epoch_seconds, epoch_steps = 0, [], 0.0, 0.0, 0
@@ -328,6 +351,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             model, device_ids=[device] if device.type == "cuda" else None
         )
     params = [p for p in model.parameters()]
+    engine = None
+    if use_graph:  # the CUDA-graph engine: batches, noise and schedule on the device
+        engine = TrainStep(model, opt, train_data, cfg.batch_size, binarize=cfg.binarize, dtype=cfg.dtype,
+                           cuda_graph=True)  # fmt: skip
     timer = _Timer(device)
     say = (lambda s: tqdm.write(s, file=sys.stderr)) if info.is_main else (lambda s: None)
     if info.is_main and step == 0:
@@ -366,7 +393,21 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         )
         timer.start()
         run_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if engine is not None:
+            engine.load_epoch(perm)
+            engine.cursor.fill_(first)
         for i in bar:
+            if engine is not None:
+                if warmup:
+                    engine.set_beta(kl_beta(warmup, model_cfg.beta, step))
+                engine.step()
+                step += 1
+                epoch_steps += 1
+                if (i - first + 1) % ENGINE_CHECK_EVERY == 0 or i + 1 == last:
+                    _check_engine_loss(engine, run_sum, step, epoch, run_dir, cfg)
+                    if cfg.progress and info.is_main:
+                        bar.set_postfix(loss=f"{run_sum.item() / ((i - first + 1) * local_b):.2f}")
+                continue
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rows]
             x, eps = step_noise(
                 cfg.seed,

@@ -1,0 +1,143 @@
+"""The high-throughput training step: everything on the device, optionally captured as one CUDA graph.
+
+One step = gather the batch by index from the resident data set, (binarize), forward, backward, fused
+Adam, and add the loss to a device accumulator. Every input that changes between steps lives in a device
+tensor that the step reads (the epoch's permutation, the step cursor, the learning rate, the KL weight,
+the in-kernel RNG counter of FusedVAE), so the step can be captured once with ``torch.cuda.graph`` and
+replayed: new batch, new noise and the current schedule values every replay, and no host sync unless the
+loss is read. On the CPU (and for the tests) the same step runs eagerly.
+
+Choices:
+- The first ``WARMUP_STEPS`` steps run eagerly on a side stream (CUDA graphs need the optimizer state and
+  the autograd buffers to exist before capture); they are real training steps.
+- Under DDP the engine is not used (the trainer runs the eager step there): capturing DDP's
+  all-reduce would tie the graph to NCCL's capture support, which this engine does not rely on.
+- bf16: fp32 master weights; the batch is cast to bf16 and the fused kernels compute in bf16 with fp32
+  accumulation, loss and KL; the reference model runs under ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from fastvae.data import DeviceData
+from fastvae.fused import FusedVAE
+
+WARMUP_STEPS = 3
+DTYPES = ("fp32", "tf32", "bf16")
+
+
+def set_matmul_precision(dtype: str) -> None:
+    """fp32: IEEE fp32 matmuls (PyTorch's default); tf32: TF32 for fp32 matmuls and fused-kernel dots."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+
+
+class TrainStep:
+    """A training step over a resident data set, eager or CUDA-graph replayed.
+
+    ``load_epoch(perm)`` installs an epoch's order; ``step()`` runs the next batch of it; ``loss_sum``
+    accumulates the per-sample -ELBO on the device until ``read_loss()``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: DeviceData,
+        batch_size: int,
+        *,
+        binarize: bool = False,
+        dtype: str = "fp32",
+        cuda_graph: bool | None = None,
+    ) -> None:
+        self.model, self.opt, self.data, self.batch_size = model, optimizer, data, batch_size
+        self.binarize, self.dtype = binarize, dtype
+        self.device = next(model.parameters()).device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        set_matmul_precision(dtype)
+        dev = self.device
+        self.perm = torch.arange(len(data), device=dev)  # (N,) the epoch's order, rewritten in place
+        self.cursor = torch.zeros((), dtype=torch.int64, device=dev)  # batch index within the epoch
+        self.offsets = torch.arange(batch_size, device=dev)  # (B,)
+        self.beta = torch.tensor(float(model.config.beta), device=dev)  # KL weight, rewritten in place
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.steps_run = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    # ---- schedule inputs (written outside the graph, read inside it) ----------------------------
+    def load_epoch(self, perm: torch.Tensor) -> None:
+        self.perm.copy_(perm)
+        self.cursor.zero_()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def set_beta(self, beta: float) -> None:
+        self.beta.fill_(beta)
+
+    def read_loss(self) -> float:
+        """Sum of per-sample -ELBO since the last read (one host sync)."""
+        value = self.loss_sum.item()
+        self.loss_sum.zero_()
+        return value
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def _body(self) -> None:
+        idx = torch.index_select(self.perm, 0, self.cursor * self.batch_size + self.offsets)  # (B,)
+        x = self.data.batch(idx)  # (B, D) float in [0, 1]
+        if self.binarize:
+            x = (torch.rand_like(x) < x).to(x.dtype)
+        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        if isinstance(self.model, FusedVAE) and self.model._fallback(x) is None:
+            loss = self.model.fused_terms(x.to(compute), beta=self.beta)[0]  # eps drawn in-kernel
+        else:
+            ctx = (
+                torch.autocast(self.device.type, dtype=torch.bfloat16)
+                if self.dtype == "bf16"
+                else nullcontext()
+            )
+            with ctx:
+                rec, kl = self.model.elbo_terms(x)
+                loss = rec.float() + self.beta * kl.float().sum(-1)
+        loss.mean().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+        self.cursor += 1
+        self.loss_sum += loss.detach().double().sum()
+
+    def step(self) -> None:
+        if not self.cuda_graph:
+            self._body()
+        elif self._graph is not None:
+            self._graph.replay()
+        elif self.steps_run < WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._body()
+            self._graph.replay()  # capture records, it does not run: run this step now
+        self.steps_run += 1
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, cuda_graph: bool) -> torch.optim.Optimizer:
+    """Fused Adam; capturable with a tensor learning rate when the step is replayed from a CUDA graph."""
+    if cuda_graph:
+        device = next(model.parameters()).device
+        return torch.optim.Adam(
+            model.parameters(), lr=torch.tensor(lr, device=device), fused=True, capturable=True
+        )
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
