@@ -83,6 +83,7 @@ def train_config_from_args(a: argparse.Namespace):
         backend=a.backend,
         binarize=a.binarize,
         max_steps=a.max_steps,
+        time_limit=a.time_limit,
         checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep_checkpoints,
         resume=a.resume,
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic binarization, re-drawn every batch (default: the preset's)",
     )
     t.add_argument("--max-steps", type=_int_at_least(1), default=None)
+    t.add_argument("--time-limit", type=_float_range(0.0, lo_open=True), default=None,
+                   help="seconds of training, then evaluate and save")  # fmt: skip
     t.add_argument("--checkpoint-every", type=_int_at_least(1), default=None, help="steps")
     t.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3)
     t.add_argument(

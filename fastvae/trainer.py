@@ -56,6 +56,7 @@ class TrainConfig:
     backend: str = "auto"
     binarize: bool | None = None  # dynamic binarization, re-drawn every batch; None: the preset's
     max_steps: int | None = None  # stop after this many optimizer steps
+    time_limit: float | None = None  # stop (evaluate, save) after this many seconds of training
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at each epoch end)
     keep_checkpoints: int = 3
     resume: bool = False  # continue the run in `out` if there is one (else start it: torchrun restarts)
@@ -93,6 +94,8 @@ class TrainConfig:
         _check_int("eval_batch_size", self.eval_batch_size, 1)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1)
+        if self.time_limit is not None and (not _finite(self.time_limit) or self.time_limit <= 0):
+            raise FastVAEError(f"time_limit must be a number of seconds > 0, got {self.time_limit!r}")
         if self.checkpoint_every is not None:
             _check_int("checkpoint_every", self.checkpoint_every, 1)
         if not _finite(self.lr) or self.lr <= 0:
@@ -380,6 +383,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         info.barrier()
 
     model.train()
+    deadline = None if cfg.time_limit is None else time.monotonic() + cfg.time_limit
     while step < total_steps:
         epoch = step // steps_per_epoch
         perm = epoch_permutation(cfg.seed, epoch, n_train, device)
@@ -397,6 +401,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             engine.load_epoch(perm)
             engine.cursor.fill_(first)
         for i in bar:
+            if deadline is not None and i > first and (i - first) % 50 == 0 and time.monotonic() > deadline:
+                total_steps = step  # out of time: end here, evaluate and save as at the end of a run
+                break
             if engine is not None:
                 if warmup:
                     engine.set_beta(kl_beta(warmup, model_cfg.beta, step))

@@ -99,3 +99,16 @@ def test_triton_backend_follows_the_reference_trajectory(tmp_path, tiny_npz):
     for (name, p), q in zip(ref.model.named_parameters(), fused.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     assert fused.metrics[-1]["test_loss"] == pytest.approx(ref.metrics[-1]["test_loss"], rel=1e-4)
+
+
+def test_time_limit_stops_cleanly_with_a_saved_model(tmp_path):
+    res = train(
+        device="cpu",
+        out=str(tmp_path / "t"),
+        time_limit=1e-3,
+        progress=False,
+        hidden_dims=(16,),
+        latent_dim=2,
+    )
+    assert res.step == 50  # checked every 50 steps: stops at the first check past the limit
+    assert (res.out / "model.safetensors").exists() and res.metrics[-1]["step"] == 50

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU acceptance on a lent H100/H200 (issue: GPU acceptance), in stages that each fit one 10-minute call:
+#   bash benchmarks/gpu_acceptance.sh tests    # GPU-marked tests + kernel parity on CUDA + compute-sanitizer
+#   bash benchmarks/gpu_acceptance.sh bench    # fastvae bench, full grid -> $OUT/bench.json
+#   bash benchmarks/gpu_acceptance.sh train    # pytorch-example 10 epochs fused vs reference; iwae timed run
+# Results go to $OUT (the device tool's folder) or ./gpu-out. Nothing here reports a number it did not measure.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+
+case "${1:-tests}" in
+tests)
+    python3 -m pytest -q tests/test_kernels.py tests/test_engine.py -rs 2>&1 | tee "$OUT/pytest-gpu.log"
+    if command -v compute-sanitizer >/dev/null; then
+        for tool in memcheck racecheck; do
+            compute-sanitizer --tool "$tool" --target-processes all python3 -m pytest -q -x tests/test_kernels.py \
+                -k "equal_the_reference and B37" 2>&1 | tail -n 30 >"$OUT/sanitizer-$tool.log"
+        done
+    else
+        echo "compute-sanitizer not found" >"$OUT/sanitizer-memcheck.log"
+    fi
+    ;;
+bench)
+    fastvae bench --steps 200 --warmup 20 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    ;;
+train)
+    for backend in triton torch; do
+        /usr/bin/time -f "%e s wall" fastvae train --epochs 10 --backend "$backend" --device cuda --quiet \
+            --overwrite --out "/tmp/pe-$backend" 2>&1 | tail -n 3 | tee "$OUT/train-pe-$backend.log"
+        cp "/tmp/pe-$backend/metrics.jsonl" "$OUT/metrics-pe-$backend.jsonl"
+    done
+    # iwae: as long as the call allows (continue in a later call with --resume after carrying /tmp/iwae back)
+    fastvae train --preset iwae --epochs 3280 --backend triton --device cuda --quiet --overwrite --out /tmp/iwae \
+        --time-limit "${IWAE_SECONDS:-300}" 2>&1 | tail -n 3 | tee "$OUT/train-iwae.log"
+    fastvae eval /tmp/iwae --iw 5000 --json --device cuda | tee "$OUT/eval-iwae.json"
+    cp /tmp/iwae/metrics.jsonl "$OUT/metrics-iwae.jsonl"
+    ;;
+esac
+ls -la "$OUT"
