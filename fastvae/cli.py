@@ -421,42 +421,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_sample)
 
-    i = sub.add_parser("interpolate", help="decode the line between two test images' posterior means")
-    i.add_argument("run", help="run directory")
+    def run_command(name: str, help: str, out: str, func) -> argparse.ArgumentParser:
+        """A subcommand on a run directory, with --out (default ``out``) and --device."""
+        c = sub.add_parser(name, help=help)
+        c.add_argument("run", help="run directory")
+        c.add_argument("--out", default=out)
+        c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        c.set_defaults(func=func)
+        return c
+
+    i = run_command("interpolate", "decode the line between two test images' posterior means", "interpolation.png",
+                    cmd_interpolate)  # fmt: skip
     i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--steps", type=_int_at_least(2), default=10)
-    i.add_argument("--out", default="interpolation.png")
-    i.add_argument("--device", default="auto")
-    i.set_defaults(func=cmd_interpolate)
 
-    m = sub.add_parser(
-        "manifold", help="decode a grid over the latent space (2-D, or the 2 most active dims)"
-    )
-    m.add_argument("run", help="run directory")
+    m = run_command("manifold", "decode a grid over the latent space (2-D, or the 2 most active dims)",
+                    "manifold.png", cmd_manifold)  # fmt: skip
     m.add_argument("-n", type=_int_at_least(2), default=20, help="grid side")
-    m.add_argument("--out", default="manifold.png")
-    m.add_argument("--device", default="auto")
-    m.set_defaults(func=cmd_manifold)
 
-    lt = sub.add_parser("latents", help="scatter of test posterior means coloured by label")
-    lt.add_argument("run", help="run directory")
+    lt = run_command(
+        "latents", "scatter of test posterior means coloured by label", "latents.png", cmd_latents
+    )
     lt.add_argument("--limit", type=_int_at_least(1), default=5000, help="test samples to plot")
-    lt.add_argument("--out", default="latents.png")
-    lt.add_argument("--device", default="auto")
-    lt.set_defaults(func=cmd_latents)
 
-    sc = sub.add_parser("score", help="per-sample -ELBO and IW NLL as anomaly scores (CSV)")
-    sc.add_argument("run", help="run directory")
+    sc = run_command("score", "per-sample -ELBO and IW NLL as anomaly scores (CSV)", "scores.csv", cmd_score)
     sc.add_argument(
         "--data", required=True, help=".npy/.npz of samples to score, or 'mnist' (its test split)"
     )
     sc.add_argument("--iw", type=_int_at_least(0), default=100, help="importance samples (0: -ELBO only)")
-    sc.add_argument("--out", default="scores.csv")
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
-    sc.add_argument("--device", default="auto")
-    sc.set_defaults(func=cmd_score)
 
     b = sub.add_parser(
         "bench", help="time one training step of fastvae against eager, compile and CUDA graphs"

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels.heuristics import dot_precision, launch, row_blocks
+from fastvae.kernels.tiles import rows_times_wt
 
 
 @triton.jit
@@ -48,17 +49,7 @@ def _bernoulli_output_kernel(
     for n0 in range(0, D, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < D
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < K
-            a = tl.load(
-                hd_ptr + rm[:, None] * K + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
-            )
-            w = tl.load(
-                w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0
-            )
-            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+        acc = rows_times_wt(hd_ptr, w_ptr, rm, rn, M, D, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         logits = acc + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         x = tl.load(x_ptr + rm[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from fastvae.kernels.activations import act_grad_from_output, apply_act
 from fastvae.kernels.heuristics import dot_precision, launch, row_blocks
+from fastvae.kernels.tiles import rows_times_wt
 
 
 @triton.jit
@@ -37,14 +38,7 @@ def _linear_act_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
-        a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # (BLOCK_K, BLOCK_N) tile of W^T
-        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    acc = rows_times_wt(x_ptr, w_ptr, rm, rn, M, N, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     y = apply_act(acc + bias[None, :], ACT)
     tl.store(
