@@ -91,6 +91,7 @@ def train_config_from_args(a: argparse.Namespace):
         kl_warmup_steps=a.kl_warmup_steps,
         kl_warmup_epochs=a.kl_warmup_epochs,
         dtype=a.dtype,
+        engine=a.engine,
         cuda_graph=a.cuda_graph,
         free_bits=a.free_bits,
         progress=not a.quiet,
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: fp32 master weights, bf16 compute (CUDA engine)")  # fmt: skip
     t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
+    t.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                   help="device-resident step (default: on for CUDA, single process)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -68,7 +68,10 @@ class TrainConfig:
     progress: bool = True
     # fp32 | tf32 | bf16 (bf16: fp32 master weights, bf16 compute; needs the CUDA engine)
     dtype: str = "fp32"
-    # Capture the whole step in a CUDA graph (fastvae.engine); None: on for CUDA in a single process.
+    # Run the step through fastvae.engine (batches, noise and schedule on the device; eps drawn in-kernel
+    # by the fused backend); None: on for CUDA in a single process.
+    engine: bool | None = None
+    # Capture that step in a CUDA graph; None: whenever the engine runs on CUDA.
     cuda_graph: bool | None = None
     # Model overrides of the preset (None keeps the preset's value).
     hidden_dims: tuple[int, ...] | None = None
@@ -316,9 +319,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (device.type == "cuda" and not info.enabled)
-    if use_graph and (device.type != "cuda" or info.enabled):
-        raise FastVAEError("--cuda-graph needs a CUDA device and a single process (not torchrun)")
+    use_engine = cfg.engine if cfg.engine is not None else (device.type == "cuda" and not info.enabled)
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (use_engine and device.type == "cuda")
+    if use_engine and info.enabled:
+        raise FastVAEError(
+            "the device-resident engine runs in a single process; under torchrun use --no-engine"
+        )
+    if use_graph and (device.type != "cuda" or not use_engine):
+        raise FastVAEError(
+            "--cuda-graph needs a CUDA device and the engine in a single process (not torchrun)"
+        )
     if cfg.dtype == "bf16" and not use_graph:
         raise FastVAEError("--dtype bf16 runs on the CUDA engine only (a single CUDA process)")
     set_matmul_precision(cfg.dtype)
@@ -330,7 +340,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
     # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
     step, metrics, epoch_loss, epoch_seconds, epoch_steps = 0, [], 0.0, 0.0, 0
     if resuming:
-        old_model, old_doc = ckpt.read_run_config(run_dir)
+        old_model, _ = ckpt.read_run_config(run_dir)
         if old_model != model_cfg:
             raise FastVAEError(f"{run_dir}: the run was trained with a different model config; cannot resume")
         state = _restore(run_dir, model, opt)
@@ -338,7 +348,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         epoch_steps = state["epoch_steps"]
         if info.is_main:
             tqdm.write(f"fastvae: resuming {run_dir} from step {step}", file=sys.stderr)
-        if info.is_main:
             metrics = _trim_metrics(run_dir, step // steps_per_epoch)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     elif info.is_main:
@@ -355,9 +364,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         )
     params = [p for p in model.parameters()]
     engine = None
-    if use_graph:  # the CUDA-graph engine: batches, noise and schedule on the device
+    if use_engine:  # batches, noise and schedule on the device; replayed as a CUDA graph when use_graph
         engine = TrainStep(model, opt, train_data, cfg.batch_size, binarize=cfg.binarize, dtype=cfg.dtype,
-                           cuda_graph=True)  # fmt: skip
+                           cuda_graph=use_graph)  # fmt: skip
     timer = _Timer(device)
     say = (lambda s: tqdm.write(s, file=sys.stderr)) if info.is_main else (lambda s: None)
     if info.is_main and step == 0:
@@ -404,52 +413,46 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             if deadline is not None and i > first and (i - first) % 50 == 0 and time.monotonic() > deadline:
                 total_steps = step  # out of time: end here, evaluate and save as at the end of a run
                 break
-            if engine is not None:
+            if engine is not None:  # one replay: batch, noise and schedule read on the device
                 if warmup:
                     engine.set_beta(kl_beta(warmup, model_cfg.beta, step))
                 engine.step()
-                step += 1
-                epoch_steps += 1
-                if (i - first + 1) % ENGINE_CHECK_EVERY == 0 or i + 1 == last:
-                    _check_engine_loss(engine, run_sum, step, epoch, run_dir, cfg)
-                    if cfg.progress and info.is_main:
-                        bar.set_postfix(loss=f"{run_sum.item() / ((i - first + 1) * local_b):.2f}")
-                continue
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rows]
-            x, eps = step_noise(
-                cfg.seed,
-                step,
-                cfg.batch_size,
-                rows,
-                model_cfg.latent_dim,
-                train_data.batch(idx),
-                cfg.binarize,
-            )
-            objective, nelbo = net(
-                x, eps, beta=kl_beta(warmup, model_cfg.beta, step), free_bits=cfg.free_bits
-            )
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            if not (torch.isfinite(objective) and torch.isfinite(gnorm)):
-                what = "loss" if not torch.isfinite(objective) else "gradient"
-                raise Divergence(
-                    f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); the last checkpoint in "
-                    f"{run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {cfg.lr:g}), use --kl-warmup-steps, "
-                    "or check the data for extreme values"
+            else:
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rows]
+                x, eps = step_noise(cfg.seed, step, cfg.batch_size, rows, model_cfg.latent_dim,
+                                    train_data.batch(idx), cfg.binarize)  # fmt: skip
+                objective, nelbo = net(
+                    x, eps, beta=kl_beta(warmup, model_cfg.beta, step), free_bits=cfg.free_bits
                 )
-            opt.step()
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+                if not (torch.isfinite(objective) and torch.isfinite(gnorm)):
+                    what = "loss" if not torch.isfinite(objective) else "gradient"
+                    raise Divergence(
+                        f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); the last checkpoint in "
+                        f"{run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {cfg.lr:g}), use "
+                        "--kl-warmup-steps, or check the data for extreme values"
+                    )
+                opt.step()
+                run_sum += nelbo.detach().double().sum()
             step += 1
             epoch_steps += 1
-            run_sum += nelbo.detach().double().sum()
-            if cfg.progress and info.is_main and (i - first) % 25 == 0:
+            checkpoint_now = (
+                bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step % steps_per_epoch
+            )
+            if engine is not None and (checkpoint_now or (i - first + 1) % ENGINE_CHECK_EVERY == 0):
+                _check_engine_loss(engine, run_sum, step, epoch, run_dir, cfg)  # the engine's one host sync
+            if cfg.progress and info.is_main and (i - first) % (ENGINE_CHECK_EVERY if engine else 25) == 0:
                 bar.set_postfix(loss=f"{run_sum.item() / ((i - first + 1) * local_b):.2f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+            if checkpoint_now:
                 epoch_seconds_now = epoch_seconds + timer.stop()
                 epoch_loss_now = epoch_loss + info.all_reduce_sum(run_sum.clone()).item()
                 epoch_loss, epoch_seconds, run_sum = epoch_loss_now, epoch_seconds_now, run_sum.zero_()
                 save(step)
                 timer.start()
+        if engine is not None:
+            _check_engine_loss(engine, run_sum, step, epoch, run_dir, cfg)  # what is left of this epoch
         bar.close()
         epoch_seconds += timer.stop()
         epoch_loss += info.all_reduce_sum(run_sum).item()

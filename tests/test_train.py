@@ -112,3 +112,23 @@ def test_time_limit_stops_cleanly_with_a_saved_model(tmp_path):
     )
     assert res.step == 50  # checked every 50 steps: stops at the first check past the limit
     assert (res.out / "model.safetensors").exists() and res.metrics[-1]["step"] == 50
+
+
+def test_engine_path_of_the_trainer_on_cpu(tmp_path, tiny_npz):
+    """The device-resident engine (eager on the CPU): metrics, periodic checkpoints and resume work."""
+    cfg = _cfg(tmp_path, tiny_npz, epochs=3, engine=True, checkpoint_every=4, lr=5e-3)
+    res = train(cfg)
+    assert [m["epoch"] for m in res.metrics] == [1, 2, 3] and res.metrics[-1]["test_loss"] < res.metrics[0][
+        "test_loss"
+    ]
+    from fastvae.checkpoint import list_checkpoints
+
+    assert [c.name for c in list_checkpoints(res.out)] == [
+        "step-000000024",
+        "step-000000028",
+        "step-000000030",
+    ]
+    more = train(_cfg(tmp_path, tiny_npz, epochs=4, engine=True, checkpoint_every=4, lr=5e-3, resume=True))
+    assert more.step == 40 and [m["epoch"] for m in more.metrics] == [1, 2, 3, 4]
+    with pytest.raises(FastVAEError, match="cuda-graph"):
+        train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "g"), cuda_graph=True))
