@@ -77,6 +77,7 @@ def train_config_from_args(a: argparse.Namespace):
         epochs=a.epochs,
         batch_size=a.batch_size,
         lr=a.lr,
+        lr_schedule=a.lr_schedule,
         seed=a.seed,
         device=a.device,
         out=a.out,
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_int_at_least(1), default=10)
     t.add_argument("--batch-size", type=_int_at_least(1), default=None, help="global batch (preset default)")
     t.add_argument("--lr", type=_float_range(0.0, lo_open=True), default=1e-3)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     t.add_argument("--seed", type=_int_at_least(0), default=0)
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])

@@ -6,8 +6,6 @@ and CSV files. All are inference only (``torch.no_grad``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -122,7 +120,3 @@ def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
 
     data = DeviceData(x.cpu().numpy().astype(np.float32), _device(model))
     return elbo_stats(model, data).kl_per_dim
-
-
-def grid_columns(n: int) -> int:
-    return max(1, math.isqrt(n))

@@ -39,6 +39,7 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "iwae": {"batch_size": 100, "binarize": True},  # dynamically binarized MNIST, as in the IWAE paper
 }
 SHUFFLE_SALT = 7_000_003
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int | None = None  # global batch; None: the preset's (128, or 100 for paper/iwae)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # "constant", or "cosine": lr * (1 + cos(pi * step / total_steps)) / 2
     seed: int = 0
     device: str = "auto"
     out: str | None = None  # default runs/<preset>-<timestamp>
@@ -105,6 +107,8 @@ class TrainConfig:
             raise FastVAEError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not _finite(self.free_bits) or self.free_bits < 0:
             raise FastVAEError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FastVAEError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.backend not in BACKENDS:
             raise FastVAEError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPES:
@@ -182,6 +186,13 @@ def step_noise(
         u = torch.rand(global_batch, x.shape[1], generator=g, device=x.device)[rows]  # (B, D)
         x = (u < x).to(x.dtype)
     return x, eps
+
+
+def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate for ``step`` (0-based) of a run of ``total_steps``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+    return cfg.lr
 
 
 def kl_beta(warmup_steps: int, beta: float, step: int) -> float:
@@ -392,6 +403,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
         info.barrier()
 
     model.train()
+    planned_steps = total_steps
     deadline = None if cfg.time_limit is None else time.monotonic() + cfg.time_limit
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -413,6 +425,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
             if deadline is not None and i > first and (i - first) % 50 == 0 and time.monotonic() > deadline:
                 total_steps = step  # out of time: end here, evaluate and save as at the end of a run
                 break
+            if (
+                cfg.lr_schedule != "constant"
+            ):  # the schedule's total is the planned run, not a time-limit stop
+                lr_now = scheduled_lr(cfg, step, planned_steps)
+                if engine is not None:
+                    engine.set_lr(lr_now)  # written into the device tensor the graph reads
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_now
             if engine is not None:  # one replay: batch, noise and schedule read on the device
                 if warmup:
                     engine.set_beta(kl_beta(warmup, model_cfg.beta, step))
@@ -477,6 +498,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 "seconds": epoch_seconds,
                 "samples_per_s": epoch_steps * cfg.batch_size / max(epoch_seconds, 1e-9),
                 "beta": kl_beta(warmup, model_cfg.beta, step - 1),
+                "lr": scheduled_lr(cfg, step - 1, planned_steps),
             }
             metrics.append(rec)
             if info.is_main:

@@ -132,3 +132,22 @@ def test_engine_path_of_the_trainer_on_cpu(tmp_path, tiny_npz):
     assert more.step == 40 and [m["epoch"] for m in more.metrics] == [1, 2, 3, 4]
     with pytest.raises(FastVAEError, match="cuda-graph"):
         train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "g"), cuda_graph=True))
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_cosine_lr_schedule_is_what_adam_uses(tmp_path, tiny_npz, engine, monkeypatch):
+    import math
+
+    used = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        lr = self.param_groups[0]["lr"]
+        used.append(float(lr.item() if torch.is_tensor(lr) else lr))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    res = train(_cfg(tmp_path, tiny_npz, epochs=4, lr=1e-2, lr_schedule="cosine", engine=engine))
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 40)) for s in range(40)]
+    assert used == pytest.approx(expected, rel=1e-6)  # every one of the 40 steps
+    assert [m["lr"] for m in res.metrics] == pytest.approx([expected[s - 1] for s in (10, 20, 30, 40)])
