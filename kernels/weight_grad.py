@@ -55,7 +55,7 @@ def _grouped_wgrad_kernel(
     BLOCK_R: tl.constexpr,  # batch rows per inner step
 ):
     pid = tl.program_id(0)
-    grp = 0
+    grp = pid * 0  # an int32 tensor from the start, so the loop carries one type
     for g in range(1, G):
         grp = tl.where(pid >= tl.load(table_ptr + g * 10), g, grp)
     row = table_ptr + grp * 10
