@@ -210,12 +210,11 @@ def _quantize(path: Path, model, run_dir, config, doc) -> dict[str, str]:
 
 
 def _test_images(doc: dict, config) -> np.ndarray:
-    from fastvae.data import load_dataset
+    from fastvae.data import load_dataset, unit_float
 
     train = doc.get("train", {})
     data = load_dataset(train.get("data", "mnist"), config.likelihood)
-    x = data.x_test[:INT8_EVAL_SAMPLES].reshape(-1, config.flat_dim)
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    x = unit_float(data.x_test[:INT8_EVAL_SAMPLES])
     if train.get("binarize"):
         x = (np.random.default_rng(2).random(x.shape) < x).astype(np.float32)
     return x

@@ -194,15 +194,13 @@ def _load_run(a: argparse.Namespace):
 
     from fastvae.backends import resolve_device
     from fastvae.checkpoint import load_model, read_run_config
-    from fastvae.data import load_dataset
+    from fastvae.data import load_dataset, unit_float
 
     device = resolve_device(getattr(a, "device", "auto"))
     config, doc = read_run_config(a.run)
     model = load_model(a.run, device)
     data = load_dataset(doc.get("train", {}).get("data", "mnist"), config.likelihood)
-    x = data.x_test.reshape(len(data.x_test), -1)
-    x = torch.from_numpy(x).float() / 255.0 if x.dtype.name == "uint8" else torch.from_numpy(x).float()
-    return model, config, doc, x, data.y_test
+    return model, config, doc, torch.from_numpy(unit_float(data.x_test)), data.y_test
 
 
 def cmd_interpolate(a: argparse.Namespace) -> int:
@@ -280,15 +278,14 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     import torch
 
-    from fastvae.data import load_array
+    from fastvae.data import load_array, unit_float
     from fastvae.toolkit import anomaly_scores
 
     model, config, _, x_test, _ = _load_run(a)
     arr = load_array(a.data, config.likelihood)
     if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
-    x = arr.reshape(len(arr), -1)
-    x = torch.from_numpy(x).float() / 255.0 if x.dtype.name == "uint8" else torch.from_numpy(x).float()
+    x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
     nelbo, iw = anomaly_scores(model, x, a.iw)
     with open(a.out, "w", newline="") as f:

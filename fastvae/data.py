@@ -135,6 +135,12 @@ def validate_array(x: np.ndarray, likelihood: str, name: str) -> np.ndarray:
     return x
 
 
+def unit_float(x: np.ndarray) -> np.ndarray:
+    """A validated array (N, ...) as float32 rows (N, D): uint8 scaled to [0, 1], floats as they are."""
+    flat = x.reshape(len(x), -1)
+    return flat.astype(np.float32) / 255.0 if flat.dtype == np.uint8 else flat.astype(np.float32)
+
+
 class DeviceData:
     """A whole split resident on one device; ``batch(idx)`` gathers rows as float (B, D) in [0, 1]."""
 

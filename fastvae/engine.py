@@ -55,7 +55,7 @@ class TrainStep:
         dtype: str = "fp32",
         cuda_graph: bool | None = None,
     ) -> None:
-        self.model, self.opt, self.data, self.batch_size = model, optimizer, data, batch_size
+        self.model, self.opt, self.batch_size = model, optimizer, batch_size
         self.binarize, self.dtype = binarize, dtype
         self.device = next(model.parameters()).device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
