@@ -155,6 +155,14 @@ class RunResult:
 class Divergence(FastVAEError):
     """A non-finite loss or gradient."""
 
+    @classmethod
+    def at(cls, where: str, run_dir: Path, lr: float) -> Divergence:
+        """``where``: what went non-finite and when; the rest of the message is the same advice."""
+        return cls(
+            f"{where}; the last checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {lr:g}), "
+            "use --kl-warmup-steps, or check the data for extreme values"
+        )
+
 
 # The CUDA engine reads its loss back (one host sync) every this many steps, and checks it is finite.
 ENGINE_CHECK_EVERY = 100
@@ -163,11 +171,10 @@ ENGINE_CHECK_EVERY = 100
 def _check_engine_loss(engine, run_sum, step: int, epoch: int, run_dir: Path, cfg) -> None:
     value = engine.read_loss()
     if not math.isfinite(value):
-        raise Divergence(
-            f"non-finite loss within the {ENGINE_CHECK_EVERY} steps before step {step} (epoch {epoch + 1}); the last "
-            f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {cfg.lr:g}), use "
-            "--kl-warmup-steps, or check the data for extreme values"
+        where = (
+            f"non-finite loss within the {ENGINE_CHECK_EVERY} steps before step {step} (epoch {epoch + 1})"
         )
+        raise Divergence.at(where, run_dir, cfg.lr)
     run_sum += value
 
 
@@ -450,10 +457,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
                 if not (torch.isfinite(objective) and torch.isfinite(gnorm)):
                     what = "loss" if not torch.isfinite(objective) else "gradient"
-                    raise Divergence(
-                        f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); the last checkpoint in "
-                        f"{run_dir / ckpt.CHECKPOINT_DIR} is intact: lower --lr (now {cfg.lr:g}), use "
-                        "--kl-warmup-steps, or check the data for extreme values"
+                    raise Divergence.at(
+                        f"non-finite {what} at step {step + 1} (epoch {epoch + 1})", run_dir, cfg.lr
                     )
                 opt.step()
                 run_sum += nelbo.detach().double().sum()
