@@ -88,7 +88,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     result = train(train_config_from_args(a))
     if result.metrics and result.rank == 0:
         neg_elbo = result.metrics[-1]["test_neg_elbo"]
-        print(f"test -ELBO {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
+        what = "reconstruction NLL" if result.model.config.is_ae else "-ELBO"
+        print(f"test {what} {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
     return 0
 
 
@@ -105,6 +106,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "test_kl": stats.kl,
         "active_units": stats.active_units,
     }
+    if run.config.is_ae:
+        return _print_ae_eval(result, stats, a)
     if a.iw > 0:
         result["iw_k"] = a.iw
         result["iw_nll"] = importance_weighted_nll(run.model, run.test, a.iw, seed=run.seed, binarize=run.binarized,
@@ -120,6 +123,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
     )
     if a.iw > 0:
         print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
+    return 0
+
+
+def _print_ae_eval(result: dict, stats, a: argparse.Namespace) -> int:
+    """An autoencoder has no ELBO and no importance-weighted bound: its figure is -log p(x|mu(x))."""
+    note = "autoencoder: no q(z|x) to sample, so no ELBO and no importance-weighted bound"
+    result.update(model="ae", iw_nll=None, note=note)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"test reconstruction NLL  {stats.rec:.3f} nats  (-log p(x|mu(x)), {stats.n} samples; {note})")
     return 0
 
 
@@ -186,7 +200,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
 
 def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
-    from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
+    from fastvae.toolkit import manifold, most_active_dims, usage_per_dim
 
     run = _load_run(a)
     config = run.config
@@ -194,7 +208,7 @@ def cmd_manifold(a: argparse.Namespace) -> int:
     dims = (
         (0, 1)
         if config.latent_dim == 2
-        else tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
+        else tuple(most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000)), 2))
     )
     images, _ = manifold(run.model, a.n, dims)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
@@ -230,11 +244,13 @@ def cmd_score(a: argparse.Namespace) -> int:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
+    if config.is_ae:
+        a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
     nelbo, iw = anomaly_scores(run.model, x, a.iw)
     write_scores_csv(a.out, nelbo, iw, a.iw)
-    print(
-        f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
-    )
+    first = "reconstruction NLL" if config.is_ae else "-ELBO"
+    last = "IW NLL undefined for an autoencoder" if config.is_ae else f"mean IW NLL {iw.mean():.2f} nats"
+    print(f"wrote {a.out}: {len(x)} samples, mean {first} {nelbo.mean():.2f} nats, {last}")
     if a.plot:
         _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
@@ -249,7 +265,7 @@ def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw)
     ref = ref_elbo if a.iw == 0 else ref_iw
     auc = roc_auc(ref, scores)
-    what = "-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})"
+    what = "reconstruction NLL" if run.config.is_ae else ("-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})")
     score_histogram(ref, scores, what=what, scored_name=Path(a.data).name, auc=auc, out=a.plot)
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
 
@@ -285,7 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    from fastvae.config import ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, LR_SCHEDULES, PRESETS, TrainConfig
+    from fastvae import config as c
+
+    ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, PRESETS = (
+        c.ACTIVATIONS,
+        c.BACKENDS,
+        c.DTYPES,
+        c.LIKELIHOODS,
+        c.PRESETS,
+    )
+    LR_SCHEDULES, MODELS, TrainConfig = c.LR_SCHEDULES, c.MODELS, c.TrainConfig
 
     t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the flags' defaults are the config's
@@ -327,6 +352,11 @@ def _add_train(sub) -> None:
     opt("--activation", choices=ACTIVATIONS, help="default: the preset's")
     opt("--likelihood", choices=LIKELIHOODS, help="default: the preset's")
     opt("--beta", type=_float_range(0.0), help="KL weight (default: the preset's, 1)")
+    opt(
+        "--model",
+        choices=MODELS,
+        help="vae, or ae: a plain autoencoder with the same networks (default: vae)",
+    )
     opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
     opt("--cuda-graph", action=argparse.BooleanOptionalAction,
         help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
