@@ -270,6 +270,76 @@ def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
 
 
+def cmd_quality(a: argparse.Namespace) -> int:
+    from fastvae.quality import max_entropy_bits, run_quality
+
+    run = _load_run(a)
+    report = run_quality(run, a.n, a.seed)
+    if a.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    if report.unavailable:
+        print(f"{run.path}: quality scores unavailable: {report.unavailable}")
+        return 0
+    top = max_entropy_bits(report.n_classes)
+    print(
+        f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in fastvae.quality.cache_dir())"
+    )
+    print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}  class histogram")
+    for name, sc in report.rows.items():
+        hist = " ".join(str(c) for c in sc.histogram)
+        print(f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}  {hist}")
+    print(
+        "MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split"
+    )
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import atomic_write_bytes
+    from fastvae.compare import compare_runs, table
+    from fastvae.plots import compare_figure
+
+    _check_out(a.out)
+    if a.table:
+        _check_out(a.table)
+    names = a.names.split(",") if a.names else None
+    summaries = compare_runs(a.runs, names, device=resolve_device(a.device), n_quality=a.n, seed=a.seed)
+    text = table(summaries)
+    compare_figure(summaries, a.out)
+    if a.table:
+        atomic_write_bytes(a.table, (text + "\n").encode())
+    print(text)
+    print(f"wrote {a.out}" + (f" and {a.table}" if a.table else ""))
+    return 0
+
+
+def cmd_edit(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.edit import attribute_direction, edit, label_groups, parse_strengths, read_attribute
+    from fastvae.images import save_grid
+
+    strengths = parse_strengths(a.strength)
+    run = _load_run(a)
+    n = len(run.test)
+    if not 0 <= a.image < n:
+        raise_error(f"--image {a.image} is not a test image index (0..{n - 1})")
+    _check_out(a.out)
+    if a.attributes:
+        rows, mask = np.arange(n), read_attribute(a.attributes, a.attribute, n)
+    else:
+        rows, mask = label_groups(a.attribute, run.labels)
+    x = run.test_images()
+    direction = attribute_direction(run.model, x[rows], mask)
+    strip = edit(run.model, x[a.image], direction, strengths)
+    save_grid(strip.cpu().numpy(), run.config.data_shape, a.out, ncol=len(strip), scale=3)
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then strengths {', '.join(f'{v:g}' for v in strengths)}"
+          f" along {a.attribute} ({int(mask.sum())} with / {int((~mask).sum())} without; |direction| {direction.norm():.2f})")  # fmt: skip
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from fastvae.bench import main_args
 
@@ -401,6 +471,34 @@ def _add_toolkit(sub) -> None:
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
 
+    q = sub.add_parser(
+        "quality", help="judge prior samples and interpolation midpoints with a digit classifier"
+    )
+    q.add_argument("run", help="run directory")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.set_defaults(func=cmd_quality)
+    q.add_argument("-n", type=_int_at_least(100), default=5000, help="images per score")
+    q.add_argument("--seed", type=_int_at_least(0), default=0)
+    q.add_argument("--json", action="store_true")
+
+    ed = run_command("edit", "move one test image's code along an attribute direction", "edit.png", cmd_edit)
+    ed.add_argument("--image", type=_int_at_least(0), required=True, help="test image index")
+    ed.add_argument("--attribute", required=True, help="label=A->B, or a column of --attributes")
+    ed.add_argument("--attributes", default=None, help=".csv (header row) or .npy, one row per test image")
+    ed.add_argument("--strength", default="-2,-1,1,2", help="comma-separated multiples of the direction")
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser("compare", help="runs side by side: samples, interpolations, latent map, scores")
+    c.add_argument("runs", nargs="+", help="two or more run directories")
+    c.add_argument("--out", default="compare.png", help="PNG figure")
+    c.add_argument("--table", default=None, help="also write the Markdown table here")
+    c.add_argument("--names", default=None, help="comma-separated column names (default: the folder names)")
+    c.add_argument("-n", type=_int_at_least(100), default=5000, help="images per quality score")
+    c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.set_defaults(func=cmd_compare)
+
 
 def _add_run_commands(sub) -> None:
     """The commands that read a run directory, and bench."""
@@ -426,6 +524,7 @@ def _add_run_commands(sub) -> None:
     s.set_defaults(func=cmd_sample)
 
     _add_toolkit(sub)
+    _add_compare(sub)
 
     b = sub.add_parser(
         "bench", help="time one training step of fastvae against eager, compile and CUDA graphs"
@@ -448,9 +547,22 @@ def _add_run_commands(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--strength -2,-1,1`` as ``--strength=-2,-1,1``: argparse takes a value starting with '-' for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--strength" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--strength={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     from fastvae.errors import FastVAEError
 
     try:
