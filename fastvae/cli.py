@@ -289,9 +289,7 @@ def cmd_quality(a: argparse.Namespace) -> int:
     for name, sc in report.rows.items():
         hist = " ".join(str(c) for c in sc.histogram)
         print(f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}  {hist}")
-    print(
-        "MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split"
-    )
+    print("MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split")
     return 0
 
 

@@ -65,9 +65,10 @@ def compare_figure(summaries: list, out: str | Path) -> None:
     from fastvae.quality import ROWS
 
     plt = _pyplot()
-    k = len(summaries)
+    k, maps = len(summaries), any(s.codes is not None for s in summaries)
+    ratios = [4, 1.6, 3.6] if maps else [4, 1.6, 0.3]  # no run with Z = 2: only a line of text there
     fig, axes = plt.subplots(
-        3, k, figsize=(4.2 * k, 12.5), dpi=100, gridspec_kw={"height_ratios": [4, 1.6, 3.6]}
+        3, k, figsize=(4.2 * k, 9.2 + 3.3 * maps), dpi=100, gridspec_kw={"height_ratios": ratios}
     )
     axes = np.asarray(axes).reshape(3, k)
     for col, s in enumerate(summaries):
