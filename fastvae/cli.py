@@ -100,7 +100,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     result = train(train_config_from_args(a))
     if result.metrics and result.rank == 0:
         neg_elbo = result.metrics[-1]["test_neg_elbo"]
-        print(f"test -ELBO {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
+        what = "reconstruction NLL" if result.model.config.is_ae else "-ELBO"
+        print(f"test {what} {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
     return 0
 
 
@@ -117,6 +118,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "test_kl": stats.kl,
         "active_units": stats.active_units,
     }
+    if run.config.is_ae:
+        return _print_ae_eval(result, stats, a)
     if not a.json:  # the -ELBO takes seconds; print it before the IW bound's minutes
         beta = run.config.beta
         objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
@@ -133,6 +136,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif a.iw > 0:
         print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
+    return 0
+
+
+def _print_ae_eval(result: dict, stats, a: argparse.Namespace) -> int:
+    """An autoencoder has no ELBO and no importance-weighted bound: its figure is -log p(x|mu(x))."""
+    note = "autoencoder: no q(z|x) to sample, so no ELBO and no importance-weighted bound"
+    result.update(model="ae", iw_nll=None, note=note)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"test reconstruction NLL  {stats.rec:.3f} nats  (-log p(x|mu(x)), {stats.n} samples; {note})")
     return 0
 
 
@@ -205,7 +219,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
 def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
     from fastvae.limits import check_fits
-    from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
+    from fastvae.toolkit import manifold, most_active_dims, usage_per_dim
 
     run = _load_run(a)
     config = run.config
@@ -216,7 +230,7 @@ def cmd_manifold(a: argparse.Namespace) -> int:
     if config.latent_dim == 2:
         dims = (0, 1)
     else:
-        dims = tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
+        dims = tuple(most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000)), 2))
     images, _ = manifold(run.model, a.n, dims)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
     other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
@@ -251,10 +265,14 @@ def cmd_score(a: argparse.Namespace) -> int:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
+    if config.is_ae:
+        a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
     nelbo, iw = anomaly_scores(run.model, x, a.iw)
     write_scores_csv(a.out, nelbo, iw, a.iw)
-    iw_part = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else ""
-    print(f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats{iw_part}")
+    first = "reconstruction NLL" if config.is_ae else "-ELBO"
+    last = ", IW NLL undefined for an autoencoder" if config.is_ae else ""
+    last = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else last
+    print(f"wrote {a.out}: {len(x)} samples, mean {first} {nelbo.mean():.2f} nats{last}")
     if a.plot:
         _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
@@ -269,9 +287,77 @@ def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw)
     ref = ref_elbo if a.iw == 0 else ref_iw
     auc = roc_auc(ref, scores)
-    what = "-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})"
+    what = "reconstruction NLL" if run.config.is_ae else ("-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})")
     score_histogram(ref, scores, what=what, scored_name=Path(a.data).name, auc=auc, out=a.plot)
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
+
+
+def cmd_quality(a: argparse.Namespace) -> int:
+    from fastvae.quality import max_entropy_bits, run_quality
+
+    run = _load_run(a)
+    report = run_quality(run, a.n, a.seed)
+    if a.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    if report.unavailable:
+        print(f"{run.path}: quality scores unavailable: {report.unavailable}")
+        return 0
+    top = max_entropy_bits(report.n_classes)
+    print(
+        f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in fastvae.quality.cache_dir())"
+    )
+    print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}  class histogram")
+    for name, sc in report.rows.items():
+        hist = " ".join(str(c) for c in sc.histogram)
+        print(f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}  {hist}")
+    print("MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import atomic_write_bytes
+    from fastvae.compare import compare_runs, table
+    from fastvae.plots import compare_figure
+
+    _check_out(a.out)
+    if a.table:
+        _check_out(a.table)
+    names = a.names.split(",") if a.names else None
+    summaries = compare_runs(a.runs, names, device=resolve_device(a.device), n_quality=a.n, seed=a.seed)
+    text = table(summaries)
+    compare_figure(summaries, a.out)
+    if a.table:
+        atomic_write_bytes(a.table, (text + "\n").encode())
+    print(text)
+    print(f"wrote {a.out}" + (f" and {a.table}" if a.table else ""))
+    return 0
+
+
+def cmd_edit(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.edit import attribute_direction, edit, label_groups, parse_strengths, read_attribute
+    from fastvae.images import save_grid
+
+    strengths = parse_strengths(a.strength)
+    run = _load_run(a)
+    n = len(run.test)
+    if not 0 <= a.image < n:
+        raise_error(f"--image {a.image} is not a test image index (0..{n - 1})")
+    _check_out(a.out)
+    if a.attributes:
+        rows, mask = np.arange(n), read_attribute(a.attributes, a.attribute, n)
+    else:
+        rows, mask = label_groups(a.attribute, run.labels)
+    x = run.test_images()
+    direction = attribute_direction(run.model, x[rows], mask)
+    strip = edit(run.model, x[a.image], direction, strengths)
+    save_grid(strip.cpu().numpy(), run.config.data_shape, a.out, ncol=len(strip), scale=3)
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then strengths {', '.join(f'{v:g}' for v in strengths)}"
+          f" along {a.attribute} ({int(mask.sum())} with / {int((~mask).sum())} without; |direction| {direction.norm():.2f})")  # fmt: skip
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -311,7 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    from fastvae.config import ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, LR_SCHEDULES, PRESETS, TrainConfig
+    from fastvae import config as c
+
+    ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, PRESETS = (
+        c.ACTIVATIONS,
+        c.BACKENDS,
+        c.DTYPES,
+        c.LIKELIHOODS,
+        c.PRESETS,
+    )
+    LR_SCHEDULES, MODELS, TrainConfig = c.LR_SCHEDULES, c.MODELS, c.TrainConfig
 
     t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the flags' defaults are the config's
@@ -353,6 +448,11 @@ def _add_train(sub) -> None:
     opt("--activation", choices=ACTIVATIONS, help="default: the preset's")
     opt("--likelihood", choices=LIKELIHOODS, help="default: the preset's")
     opt("--beta", type=_float_range(0.0), help="KL weight (default: the preset's, 1)")
+    opt(
+        "--model",
+        choices=MODELS,
+        help="vae, or ae: a plain autoencoder with the same networks (default: vae)",
+    )
     opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
     opt("--cuda-graph", action=argparse.BooleanOptionalAction,
         help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
@@ -399,6 +499,34 @@ def _add_toolkit(sub) -> None:
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
 
+    q = sub.add_parser(
+        "quality", help="judge prior samples and interpolation midpoints with a digit classifier"
+    )
+    q.add_argument("run", help="run directory")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.set_defaults(func=cmd_quality)
+    q.add_argument("-n", type=_int_at_least(100), default=5000, help="images per score")
+    q.add_argument("--seed", type=_int_at_least(0), default=0)
+    q.add_argument("--json", action="store_true")
+
+    ed = run_command("edit", "move one test image's code along an attribute direction", "edit.png", cmd_edit)
+    ed.add_argument("--image", type=_int_at_least(0), required=True, help="test image index")
+    ed.add_argument("--attribute", required=True, help="label=A->B, or a column of --attributes")
+    ed.add_argument("--attributes", default=None, help=".csv (header row) or .npy, one row per test image")
+    ed.add_argument("--strength", default="-2,-1,1,2", help="comma-separated multiples of the direction")
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser("compare", help="runs side by side: samples, interpolations, latent map, scores")
+    c.add_argument("runs", nargs="+", help="two or more run directories")
+    c.add_argument("--out", default="compare.png", help="PNG figure")
+    c.add_argument("--table", default=None, help="also write the Markdown table here")
+    c.add_argument("--names", default=None, help="comma-separated column names (default: the folder names)")
+    c.add_argument("-n", type=_int_at_least(100), default=5000, help="images per quality score")
+    c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.set_defaults(func=cmd_compare)
+
 
 def _add_run_commands(sub) -> None:
     """The commands that read a run directory, and bench."""
@@ -425,6 +553,7 @@ def _add_run_commands(sub) -> None:
     s.set_defaults(func=cmd_sample)
 
     _add_toolkit(sub)
+    _add_compare(sub)
 
     b = sub.add_parser(
         "bench", help="time one training step of fastvae against eager, compile and CUDA graphs"
@@ -447,12 +576,27 @@ def _add_run_commands(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--strength -2,-1,1`` as ``--strength=-2,-1,1``: argparse takes a value starting with '-' for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--strength" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--strength={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: every failure the user can cause ends in one ``fastvae: error:`` line and exit
     status 2 (130 for Ctrl-C, 128 + signal for a preemption that saved a checkpoint)."""
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(
+                _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+            )
         except SystemExit as done:  # --help, --version, or a bad flag already reported in one line
             return done.code if isinstance(done.code, int) else 0
         return args.func(args)

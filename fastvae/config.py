@@ -16,6 +16,9 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("fp32", "tf32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+# "vae": the variational autoencoder. "ae": a deterministic autoencoder with the same networks (z = mu(x),
+# no noise, no KL), the baseline the VAE is taught against.
+MODELS = ("vae", "ae")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the noise keys mix 63
 
 
@@ -37,6 +40,9 @@ class VAEConfig:
     likelihood: str = "bernoulli"
     # KL weight (beta-VAE); 1.0 is the plain ELBO.
     beta: float = 1.0
+    # "vae", or "ae": the same encoder and decoder as a plain autoencoder (z = mu(x), loss -log p(x|z) only;
+    # the head's log-variance half is kept, unused, so every backend shares the state_dict keys).
+    model: str = "vae"
     # Name of the preset this config came from, if any (informational: stored in checkpoints and exports).
     preset: str | None = field(default=None, compare=False)
 
@@ -72,6 +78,15 @@ class VAEConfig:
         if self.beta < 0:
             raise FastVAEError(f"beta must be a finite number >= 0, got {self.beta!r}")
         self.beta = float(self.beta)
+        if self.model not in MODELS:
+            raise FastVAEError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "ae" and self.beta != 1.0:
+            raise FastVAEError("the autoencoder (model 'ae') has no KL term: beta does not apply to it")
+
+    @property
+    def is_ae(self) -> bool:
+        """The deterministic autoencoder: z = mu(x), no KL."""
+        return self.model == "ae"
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -185,6 +200,7 @@ class TrainConfig:
     activation: str | None = None
     likelihood: str | None = None
     beta: float | None = None
+    model: str | None = None  # "vae" | "ae" (None: the preset's, "vae")
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded only
 
     def __post_init__(self) -> None:
@@ -231,6 +247,15 @@ class TrainConfig:
         if self.out is not None and not isinstance(self.out, str):
             raise FastVAEError(f"out must be a path string, got {self.out!r}")
         self.model_config()  # validates the overrides
+        if self.model_config().is_ae:
+            ae_unused = {"free_bits": self.free_bits > 0, "kl_warmup_steps": self.kl_warmup_steps > 0,
+                         "kl_warmup_epochs": self.kl_warmup_epochs > 0}  # fmt: skip
+            bad = [k for k, v in ae_unused.items() if v]
+            if bad:
+                verb = "does" if len(bad) == 1 else "do"
+                raise FastVAEError(
+                    f"the autoencoder (model 'ae') has no KL term: {', '.join(bad)} {verb} not apply"
+                )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -247,7 +272,7 @@ class TrainConfig:
     def model_config(self, data_shape: tuple[int, ...] | None = None) -> VAEConfig:
         changes = {
             k: getattr(self, k)
-            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta")
+            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta", "model")
             if getattr(self, k) is not None
         }
         if data_shape is not None:

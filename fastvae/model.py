@@ -4,6 +4,10 @@ Kingma & Welling, "Auto-Encoding Variational Bayes" (2013). The encoder gives q(
 exp(logvar)); z = mu + exp(0.5 logvar) * eps with eps ~ N(0, I) (the reparameterization trick); the
 decoder gives p(x|z), Bernoulli (logits) or Gaussian (mean, learned per-pixel log-variance); the prior
 is N(0, I).
+
+With ``config.model == "ae"`` the same networks form a deterministic autoencoder: z = mu(x) (no noise),
+the loss is -log p(x|z) alone (no KL), and ``sample`` still decodes z ~ N(0, I), which is the comparison
+the VAE is taught with: nothing asks an autoencoder's codes to fill N(0, I).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvae.config import VAEConfig
+from fastvae.errors import FastVAEError
 
 LOG_2PI = math.log(2.0 * math.pi)
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -106,6 +111,8 @@ class ReferenceVAE(nn.Module):
         towards the prior, and the batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
         """
         rec, kl = self.elbo_terms(x, eps)  # (B,), (B, Z)
+        if self.config.is_ae:  # no KL term: nothing to weight or floor
+            return Objective(rec, rec, kl.sum(-1), kl)
         beta = self.config.beta if beta is None else beta
         charged = kl
         if free_bits > 0:
@@ -133,9 +140,12 @@ class ReferenceVAE(nn.Module):
 
     # ---- pieces ----------------------------------------------------------------------------------
     def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw."""
+        """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw; for the
+        autoencoder, -log p(x|mu(x)) and zeros (``eps`` is ignored)."""
         x = x.flatten(1)
         mu, logvar = self.encode(x)
+        if self.config.is_ae:
+            return self.reconstruction_nll(x, self.decode(mu)), torch.zeros_like(mu)
         if eps is None:
             eps = torch.randn_like(mu)
         z = self.reparameterize(mu, logvar, eps)
@@ -187,6 +197,10 @@ class ReferenceVAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.config.is_ae:
+            raise FastVAEError(
+                "the importance-weighted bound is undefined for an autoencoder (no q(z|x) to sample)"
+            )
         x = x.flatten(1)
         b, z_dim = x.shape[0], self.config.latent_dim
         encode = lambda xb: torch.cat(self.encode(xb), -1)  # noqa: E731

@@ -112,6 +112,14 @@ def roc_auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return float((ranks[n_n:].sum() - n_a * (n_a + 1) / 2) / (n_a * n_n))
 
 
+def usage_per_dim(model: torch.nn.Module, x: Tensor) -> list[float]:
+    """How much the model uses each latent dimension on the rows of x: the mean KL for a VAE, the variance
+    of the codes mu(x) for the autoencoder (its KL is zero)."""
+    if model.config.is_ae:
+        return posterior_means(model, x).double().var(0).tolist()
+    return kl_per_dim_on(model, x)
+
+
 def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
     """Mean KL of each latent dimension over the rows of x."""
     from fastvae.data import DeviceData

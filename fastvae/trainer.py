@@ -90,6 +90,13 @@ class _Timer:
         return time.perf_counter() - self._t
 
 
+def _figure_line(model_cfg, stats) -> str:
+    """The epoch line's test figure: the -ELBO for a VAE, the reconstruction NLL for the autoencoder."""
+    if model_cfg.is_ae:
+        return f"test rec NLL {stats.rec:.3f} nats (autoencoder: no KL)"
+    return f"test -ELBO {stats.neg_elbo:.3f} nats  (KL {stats.kl:.2f}, {stats.active_units} active)"
+
+
 # ---- the two steps --------------------------------------------------------------------------------------
 class _EagerStep:
     """One optimizer step from host-side indices: keyed noise, the model's objective (through DDP when
@@ -436,7 +443,7 @@ class _Run:
             append_metrics(self.run_dir, rec)
             self.say(
                 f"epoch {epoch + 1:3d}  step {self.step:7d}  train {rec['train_loss']:.3f}  "
-                f"test -ELBO {stats.neg_elbo:.3f} nats  (KL {stats.kl:.2f}, {stats.active_units} active)  "
+                f"{_figure_line(self.model_cfg, stats)}  "
                 f"{seconds:.1f}s  {rec['samples_per_s']:,.0f} samples/s"
             )
         self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0.0, 0.0, 0
