@@ -173,8 +173,19 @@ def export_parts(
     elif out.is_dir():
         out = out / f"{part}.onnx"
     parts = PARTS if part == "all" else (part,)
-    kw = dict(iw=iw, int8=int8, reduce_range=reduce_range)
-    return [export_part(run_dir, out / f"{p}.onnx" if part == "all" else out, p, **kw) for p in parts]
+    if iw and "scorer" not in parts:
+        raise FastVAEError("--iw applies to the scorer only")
+    return [
+        export_part(
+            run_dir,
+            out / f"{p}.onnx" if part == "all" else out,
+            p,
+            iw=iw if p == "scorer" else 0,
+            int8=int8,
+            reduce_range=reduce_range,
+        )  # fmt: skip
+        for p in parts
+    ]
 
 
 def export_part(
@@ -421,13 +432,29 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, *, reduce_rang
     kept = [v for v in fp32.graph.value_info if v.name not in init_names]
     del fp32.graph.value_info[:]
     fp32.graph.value_info.extend(kept)
+    # the IW scorer decodes twice with the same weights; quantize_dynamic mangles a weight two Gemms
+    # share (the second gets the first one's transposed int8 copy), so each use gets its own copy
+    inits, seen = {i.name: i for i in fp32.graph.initializer}, set()
+    for node in fp32.graph.node:
+        for j, name in enumerate(node.input):
+            if name in inits and node.op_type in ("Gemm", "MatMul"):
+                if name in seen:
+                    dup = copy.deepcopy(inits[name])
+                    dup.name = f"{name}__{node.name or j}"
+                    fp32.graph.initializer.append(dup)
+                    node.input[j] = dup.name
+                seen.add(name)
     with tempfile.TemporaryDirectory() as d:
         clean = Path(d) / "fp32.onnx"
         onnx.save(fp32, str(clean))
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger().setLevel(logging.ERROR)
-            quantize_dynamic(str(clean), str(dst), weight_type=QuantType.QInt8, reduce_range=reduce_range)
+            try:  # DefaultTensorType: shape inference cannot type the IW scorer's reshaped activations
+                quantize_dynamic(str(clean), str(dst), weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fmt: skip
+            except Exception as exc:
+                raise FastVAEError(f"int8 quantization failed: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _quantize(path: Path, spec: _Spec, model, run_dir, config, reduce_range: bool) -> dict[str, str]:
