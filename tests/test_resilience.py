@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastvae import ReferenceVAE, TrainConfig, load_model, train
-from fastvae.checkpoint import list_checkpoints, load_checkpoint
+from fastvae.checkpoint import config_checksum, list_checkpoints, load_checkpoint
 from fastvae.errors import FastVAEError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -119,12 +119,21 @@ def test_loading_rejects_mismatched_or_unknown_config(tmp_path, tiny_npz):
     train(_small(tmp_path, tiny_npz, epochs=1))
     run = tmp_path / "run"
     doc = json.loads((run / "config.json").read_text())
+
+    def write(d, seal=True):  # sealed: as if written by fastvae, so the checks behind the checksum run
+        (run / "config.json").write_text(
+            json.dumps({**d, "config_sha256": config_checksum(d)} if seal else d)
+        )
+
     bad = {**doc, "model": {**doc["model"], "latent_dim": 5}}
-    (run / "config.json").write_text(json.dumps(bad))
+    write(bad, seal=False)
+    with pytest.raises(FastVAEError, match="does not match its checksum"):
+        load_model(run)
+    write(bad)
     with pytest.raises(FastVAEError, match="do not match the config"):
         load_model(run)
     bad = {**doc, "model": {**doc["model"], "dropout": 0.5}}
-    (run / "config.json").write_text(json.dumps(bad))
+    write(bad)
     with pytest.raises(FastVAEError, match="unknown config key"):
         load_model(run)
     (run / "config.json").write_text("{not json")
