@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fastvae.atomic import atomic_write_bytes
 from fastvae.errors import FastVAEError
 from fastvae.export.sample import physical_cores
 
@@ -150,11 +150,4 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> None
         for i, row in enumerate(zip(*columns.values())):
             w.writerow([i, *(f"{float(v):.6g}" for v in row)])
         data = text.getvalue().encode()
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, data)
