@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         "machine": {
             "cpu": cpu_name(), "flags": cpu_flags(), "cores_used": a.threads, "os_cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "shared": "yes: other engineers' jobs ran on the same 2 cores (load average 4-7)",
+            "shared": "yes: other engineers' jobs ran on the same 2 cores",
         },
         "run": {"path": str(a.run), "preset": cfg.preset, "test_elbo": run.doc.get("final_test_neg_elbo")},
         "threads": a.threads,

@@ -21,15 +21,15 @@ them, the scorer against ``fastvae.evaluate``'s ``elbo_terms_by_row``/``iw_bound
 deletes the file and raises FastVAEError. Files are written to a temporary name and renamed.
 
 ``int8=True`` adds dynamic int8 weight quantization (onnxruntime.quantization: s8 weights, u8
-activations quantized per call). ``reduce_range`` (7-bit weights) is off by default: on CPUs with
-AVX-512 VNNI (the 2-core AMD EPYC Zen 4 of the benchmarks) ``vpdpbusd`` accumulates u8 x s8 products in
-int32 and cannot saturate; there int8 ran at the same speed either way and full 8-bit weights were more
-accurate (``benchmarks/results/cpu-parts.json``). On AVX2-only CPUs without VNNI, onnxruntime's kernel
-uses ``vpmaddubsw``, which adds pairs of u8 x s8 products into saturating int16: 2 x 255 x 127 = 64770
-can exceed 32767, while 7-bit weights (2 x 255 x 63 = 32130) cannot. For such deployments pass
-``reduce_range=True`` (``--int8-reduce-range``); this was not measured here (no such CPU). The measured
-error against fp32 goes into the metadata; a decoder or scorer whose test -ELBO worsens by more than 1
-nat on average is refused.
+activations quantized per call). ``reduce_range`` (7-bit weights) is off by default: on the benchmark
+VM (a 2-core AMD EPYC guest that exposes AVX2 only, no AVX-512/VNNI) int8 ran at the same speed either
+way and full 8-bit weights were more accurate for every part (``benchmarks/results/cpu-parts.json``).
+reduce_range exists for int8 kernels that add pairs of u8 x s8 products into saturating int16
+(``vpmaddubsw``, AVX2 without VNNI): 2 x 255 x 127 = 64770 can exceed 32767, 2 x 255 x 63 = 32130
+cannot; with VNNI (``vpdpbusd``, int32 accumulation) nothing saturates. Whether it bites depends on the
+weights, so the measured error against fp32 goes into the metadata (pass ``reduce_range=True`` /
+``--int8-reduce-range`` if full range loses on yours); a decoder or scorer whose test -ELBO worsens by
+more than 1 nat on average is refused.
 """
 
 from __future__ import annotations
