@@ -242,13 +242,18 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return model_t, opt_sd, state
 
 
+_RNG_BYTES = torch.get_rng_state().numel()  # 5056 for torch's Mersenne Twister
 # state.json: key -> (accepted types, check, what it must be)
 _STATE_SCHEMA: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "step": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "epoch_steps": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "epoch_loss": ((int, float), math.isfinite, "a finite number"),
     "epoch_seconds": ((int, float), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "torch_rng": ((list,), lambda v: all(isinstance(b, int) and 0 <= b < 256 for b in v), "a list of bytes"),
+    "torch_rng": (
+        (list,),
+        lambda v: len(v) == _RNG_BYTES and all(isinstance(b, int) and 0 <= b < 256 for b in v),
+        "torch's CPU RNG state (a list of bytes)",
+    ),
     "optimizer": ((dict,), lambda v: isinstance(v.get("param_groups"), list), "an object with param_groups"),
     "sha256": ((dict,), lambda v: all(isinstance(x, str) for x in v.values()), "an object of checksums"),
 }
@@ -264,6 +269,8 @@ def _checked_state(ckpt: Path, state: Any) -> dict[str, Any]:
         v = state.get(key)
         if isinstance(v, bool) or not isinstance(v, types) or not ok(v):
             raise FastVAEError(f"{where}: '{key}' must be {what}, got {v!r:.60}")
+    if state["epoch_steps"] > state["step"]:
+        raise FastVAEError(f"{where}: epoch_steps {state['epoch_steps']} exceeds the step {state['step']}")
     if ckpt.name != f"step-{state['step']:09d}":
         raise FastVAEError(f"{where}: step {state['step']} does not match the checkpoint folder {ckpt.name}")
     return state
@@ -286,8 +293,8 @@ def check_optimizer_state(opt_sd: dict[str, Any], params: list[torch.nn.Paramete
                     f"{source}: optimizer state {idx}.{name} is {tuple(value.shape)} {value.dtype}, its parameter "
                     f"{tuple(p.shape)} {p.dtype}"
                 )
-            if name == "step" and (value.numel() != 1 or not torch.isfinite(value).all() or value.item() < 0):
-                raise FastVAEError(f"{source}: optimizer state {idx}.step must be one finite count >= 0")
+            if name == "step" and (value.dim() != 0 or not torch.isfinite(value) or value.item() < 0):
+                raise FastVAEError(f"{source}: optimizer state {idx}.step must be a 0-d finite count >= 0")
 
 
 def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -256,9 +256,8 @@ def cmd_score(a: argparse.Namespace) -> int:
     _check_out(a.out)
     nelbo, iw = anomaly_scores(run.model, x, a.iw)
     write_scores_csv(a.out, nelbo, iw, a.iw)
-    print(
-        f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
-    )
+    iw_part = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else ""
+    print(f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats{iw_part}")
     if a.plot:
         _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
@@ -462,7 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: every failure the user can cause ends in one ``fastvae: error:`` line and exit
     status 2 (130 for Ctrl-C, 128 + signal for a preemption that saved a checkpoint)."""
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a bad flag already reported in one line
+            return done.code if isinstance(done.code, int) else 0
         return args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -288,11 +288,12 @@ class _Run:
         return use_engine, use_graph
 
     def _resume(self) -> None:
-        old_model, _ = read_run_config(self.run_dir)
+        old_model, old_doc = read_run_config(self.run_dir)
         if old_model != self.model_cfg:
             raise FastVAEError(
                 f"{self.run_dir}: the run was trained with a different model config; cannot resume"
             )
+        self._check_same_recipe(old_doc.get("train", {}))
         state = ckpt.restore_latest(self.run_dir, self.model, self.opt)
         self.step, self.epoch_loss, self.epoch_seconds = (
             state["step"],
