@@ -174,16 +174,19 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from fastvae.export.onnx_export import export_decoder
+    from fastvae.export.onnx_export import export_parts
 
-    res = export_decoder(a.run, a.out, int8=a.int8)
-    extra = ""
-    if a.int8:
-        extra = (
-            f"; int8 max probability error {res.metadata['int8_max_prob_error']}, "
-            f"test -ELBO change {float(res.metadata['int8_test_elbo_change']):+.3f} nats"
+    for res in export_parts(a.run, a.out, a.part, iw=a.iw, int8=a.int8, reduce_range=a.int8_reduce_range):
+        m = res.metadata
+        errs = ", ".join(
+            f"{k[5:].replace('_', ' ')} {v}" for k, v in m.items() if k.startswith("int8_") and "error" in k
         )
-    print(f"wrote {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})")
+        extra = f"; int8 ({'reduce_range' if a.int8_reduce_range else 'full range'}) {errs}" if a.int8 else ""
+        if "int8_test_elbo_change" in m:
+            extra += f", test -ELBO change {float(m['int8_test_elbo_change']):+.3f} nats"
+        print(
+            f"wrote {res.part} {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})"
+        )
     return 0
 
 
@@ -569,10 +572,17 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
     b.set_defaults(func=cmd_bench)
 
-    x = sub.add_parser("export", help="export the decoder to ONNX (checked against PyTorch)")
+    x = sub.add_parser(
+        "export", help="export the decoder, encoder or scorer to ONNX (checked against PyTorch)"
+    )
     x.add_argument("run", help="run directory")
-    x.add_argument("--out", required=True, help="ONNX file to write")
+    x.add_argument("--part", choices=["decoder", "encoder", "scorer", "all"], default="decoder")
+    x.add_argument("--out", required=True, help="ONNX file to write (a folder for --part all)")
+    x.add_argument("--iw", type=_int_at_least(0), default=0,
+                   help="scorer: also the K-sample importance-weighted NLL (eps_iw input (B, K, Z))")  # fmt: skip
     x.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization")
+    x.add_argument("--int8-reduce-range", action="store_true",
+                   help="7-bit int8 weights: for AVX2 CPUs without VNNI (default off: full 8-bit range)")  # fmt: skip
     x.set_defaults(func=cmd_export)
 
 

@@ -12,6 +12,7 @@ the VAE is taught with: nothing asks an autoencoder's codes to fill N(0, I).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,8 +217,7 @@ class ReferenceVAE(nn.Module):
                 eps = noise(start, c).to(device=x.device, dtype=mu.dtype)
             eps = eps.transpose(0, 1)  # (B, c, Z)
             z = mu[:, None] + std[:, None] * eps  # (B, c, Z)
-            log_q = -0.5 * (eps.pow(2) + logvar[:, None] + LOG_2PI).sum(-1)  # (B, c)
-            log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+            log_ratio = functools.partial(iw_log_weights, z=z, eps=eps, logvar=logvar[:, None])
             z = F.pad(z, (0, 0, 0, draws - c))  # (B, draws, Z): every block holds `draws` draws per row
 
             def log_lik(zb: Tensor, xb: Tensor) -> Tensor:  # (G, draws, Z), (G, D) -> (G, draws)
@@ -226,8 +226,22 @@ class ReferenceVAE(nn.Module):
                 return -self.reconstruction_nll(xb.repeat_interleave(draws, 0), out).view(g, draws)
 
             lik = fixed_row_blocks(log_lik, z, x, rows=IW_GROUP, offset=row_offset)[:, :c]
-            log_w[:, start : start + c] = lik + log_prior - log_q
-        return -(torch.logsumexp(log_w, dim=1) - math.log(k)).to(mu.dtype)
+            log_w[:, start : start + c] = log_ratio(lik)
+        return iw_nll(log_w).to(mu.dtype)
+
+
+def iw_log_weights(log_lik: Tensor, z: Tensor, eps: Tensor, logvar: Tensor) -> Tensor:
+    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for draws z_i = mu + exp(logvar / 2) * eps_i: ``log_lik``
+    (B, K), ``z`` and ``eps`` (B, K, Z), ``logvar`` (B, 1, Z). The importance weights of
+    :meth:`ReferenceVAE.importance_weighted_bound` and of the exported scorer."""
+    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (B, K)
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    return log_lik + log_prior - log_q
+
+
+def iw_nll(log_w: Tensor) -> Tensor:
+    """-log (1/K) sum_i w_i from log-weights (B, K): the K-sample importance-weighted NLL, (B,)."""
+    return -(torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1]))
 
 
 def fixed_row_blocks(
