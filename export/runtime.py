@@ -15,12 +15,38 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.atomic import atomic_write_bytes
+from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError
-from fastvae.export.sample import physical_cores
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads counted once), from /proc/cpuinfo on Linux."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    try:
+        cores, phys, core = set(), None, None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not line.strip() and core is not None:
+                cores.add((phys, core))
+                phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        if cores:
+            return max(1, min(allowed, len(cores)))
+    except OSError:
+        pass
+    return max(1, allowed)
 
 
 class OnnxPart:
@@ -53,7 +79,7 @@ class OnnxPart:
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
-            raise FastVAEError(f"{path}: not a fastvae model (metadata lacks {', '.join(missing)})")
+            raise FastVAEError(f"{path}: not a fastvae {self.part} (metadata lacks {', '.join(missing)})")
         part = meta.get("part", "decoder")
         if part != self.part:
             raise FastVAEError(
@@ -62,10 +88,30 @@ class OnnxPart:
         self.path = path
         self.metadata = meta
         self.threads = opts.intra_op_num_threads
-        self.latent_dim = int(meta["latent_dim"])
-        self.data_shape = tuple(json.loads(meta["data_shape"]))
+        self.latent_dim, self.data_shape = _sizes(path, meta)
         self.in_dim = int(np.prod(self.data_shape))
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph's own inputs and outputs agree with the metadata: a forged ``latent_dim`` or
+        ``data_shape`` would otherwise fail deep inside onnxruntime, or draw the wrong images."""
+        first_in = self.latent_dim if self.part == "decoder" else self.in_dim
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        if not ins or len(ins) > 3:
+            raise FastVAEError(f"{self.path}: expected 1 to 3 graph inputs, found {len(ins)}")
+        for arg in (*ins, *outs):
+            if arg.type != "tensor(float)":
+                raise FastVAEError(f"{self.path}: graph {arg.name!r} is {arg.type}, expected tensor(float)")
+        for arg, width in (
+            (ins[0], first_in),
+            *((o, self.in_dim) for o in outs[:1] if self.part == "decoder"),
+        ):
+            last = arg.shape[-1] if arg.shape else None
+            if isinstance(last, int) and last != width:
+                raise FastVAEError(
+                    f"{self.path}: graph {arg.name!r} has width {last}, the metadata says {width}"
+                )
 
     def check_x(self, x: np.ndarray) -> np.ndarray:
         """x (N, D) or (N, *data_shape) as contiguous float32 (N, D), validated."""
@@ -88,6 +134,22 @@ class OnnxPart:
                 f"x must lie in [0, 1] for a Bernoulli model, got [{x.min():.3g}, {x.max():.3g}]"
             )
         return x
+
+
+MAX_WIDTH = 1 << 26  # features or latents per sample: 64 M, beyond any model worth exporting
+
+
+def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
+    """(latent_dim, data_shape) from the metadata, each checked: positive, sane and well-formed."""
+    try:
+        latent = int(meta["latent_dim"])
+        shape = tuple(json.loads(meta["data_shape"]))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise FastVAEError(f"{path}: malformed latent_dim or data_shape metadata") from None
+    ok_shape = shape and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    if not 0 < latent <= MAX_WIDTH or not ok_shape or int(np.prod(shape, dtype=np.float64)) > MAX_WIDTH:
+        raise FastVAEError(f"{path}: implausible metadata latent_dim={latent!r:.20} data_shape={shape!r:.40}")
+    return latent, shape
 
 
 def read_inputs(path: str | os.PathLike) -> np.ndarray:
@@ -131,8 +193,7 @@ def check_out(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise FastVAEError(f"{path}: the output must end in {' or '.join(suffixes)}")
-    if not path.resolve().parent.is_dir():
-        raise FastVAEError(f"{path}: the folder {path.parent} does not exist")
+    check_writable(path)
     return path
 
 

@@ -41,3 +41,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """An output file path that can be written: not a folder, in an existing writable folder; else one
+    FastVAEError line (raised before any work, so nothing is computed for nothing)."""
+    from fastvae.errors import FastVAEError
+
+    target = Path(path)
+    if target.is_dir():
+        raise FastVAEError(f"{path}: is a directory; give a file name")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise FastVAEError(f"{path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise FastVAEError(f"{path}: the folder {parent} is not writable")
+    return target

@@ -370,15 +370,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _check_out(path: str) -> None:
-    """An output file path that can be written: not a folder, in an existing writable folder."""
-    target = Path(path)
-    if target.is_dir():
-        raise_error(f"{path}: is a directory; give a file name")
-    parent = target.resolve().parent
-    if not parent.is_dir():
-        raise_error(f"{path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise_error(f"{path}: the folder {parent} is not writable")
+    from fastvae.atomic import check_writable
+
+    check_writable(path)
 
 
 def raise_error(message: str) -> None:

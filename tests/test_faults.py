@@ -375,3 +375,70 @@ def test_files_get_the_umask_mode(run_dir):
     umask = os.umask(0o022)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+# ---- the torch-free sampler ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decoder_onnx(run_dir, tmp_path_factory):
+    from fastvae.export import export_decoder
+
+    path = tmp_path_factory.mktemp("onnx") / "decoder.onnx"
+    export_decoder(run_dir, path)
+    return path
+
+
+META = st.sampled_from(["-3", "0", "1e9", "abc", "[]", "[0]", "[-1, 4]", '"x"', "[8, 8]", "[64]", "[3, 3]", "2", "7",
+                        "99999999999", "[1e3]", "null"])  # fmt: skip
+
+
+@SETTINGS
+@given(key=st.sampled_from(["latent_dim", "data_shape"]), value=META)
+def test_forged_decoder_metadata_is_checked_against_the_graph(decoder_onnx, key, value):
+    import onnx
+
+    from fastvae.export import Sampler
+
+    model = onnx.load(str(decoder_onnx))
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    forged = Path(tempfile.mkdtemp()) / "forged.onnx"
+    onnx.save(model, str(forged))
+    try:
+        s = Sampler(forged)
+    except FastVAEError as exc:
+        assert "\n" not in str(exc)
+    else:  # accepted only when the forged value says what the graph really is
+        assert (s.latent_dim, math.prod(s.data_shape)) == (2, 64)
+        assert s.sample(3, seed=0).shape == (3, 64)
+
+
+@pytest.mark.parametrize("args", [["--seed", "-1"], ["--seed", str(2**64)], ["-n", "100000000000"],
+                                  ["--temperature", "1e39"], ["--temperature", "inf"], ["--threads", "0"]])  # fmt: skip
+def test_sampler_cli_bad_numbers(decoder_onnx, tmp_path, capsys, args):
+    from fastvae.export.sample import main as sample_main
+
+    try:
+        code = sample_main([str(decoder_onnx), "--out", str(tmp_path / "g.png"), *args])
+    except SystemExit as done:
+        code = done.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("fastvae: error:"), err
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file", "in a missing folder"])
+def test_sampler_cli_unwritable_outputs(decoder_onnx, tmp_path, capsys, where):
+    from fastvae.export.sample import main as sample_main
+
+    out = _out_paths(tmp_path)[where]
+    for flag in ("--out", "--npy"):
+        assert sample_main([str(decoder_onnx), flag, str(out)]) == 2
+        assert capsys.readouterr().err.startswith("fastvae: error:")
+
+
+def test_sampler_npy_writes_the_name_it_reports(decoder_onnx, tmp_path, capsys):
+    from fastvae.export.sample import main as sample_main
+
+    target = tmp_path / "samples"  # no .npy suffix: np.save alone would write samples.npy
+    assert sample_main([str(decoder_onnx), "-n", "5", "--npy", str(target)]) == 0
+    assert str(target) in capsys.readouterr().out and np.load(target).shape == (5, 64)
