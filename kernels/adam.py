@@ -17,12 +17,34 @@ import triton
 import triton.language as tl
 
 # Index of each hyper-parameter in the float64 hyper tensor.
-HYPER_LR: tl.constexpr = 0
-HYPER_BETA1: tl.constexpr = 1
-HYPER_BETA2: tl.constexpr = 2
-HYPER_EPS: tl.constexpr = 3
-HYPER_WEIGHT_DECAY: tl.constexpr = 4
+HYPER_LR = tl.constexpr(0)
+HYPER_BETA1 = tl.constexpr(1)
+HYPER_BETA2 = tl.constexpr(2)
+HYPER_EPS = tl.constexpr(3)
+HYPER_WEIGHT_DECAY = tl.constexpr(4)
 HYPER_SIZE = 5
+
+
+@triton.jit
+def adam_scalars(
+    hyper_ptr,  # float64 [lr, beta1, beta2, eps, weight_decay]
+    step_ptr,  # () fp32 step count t (>= 1)
+):
+    """Per-step scalars, computed once per program: (step_size, sqrt(bias_correction2), 1 - beta1, beta2,
+    1 - beta2, eps, weight_decay), fp32. The bias corrections are float64 as torch computes them in Python."""
+    lr = tl.load(hyper_ptr + HYPER_LR)
+    beta1 = tl.load(hyper_ptr + HYPER_BETA1)
+    beta2 = tl.load(hyper_ptr + HYPER_BETA2)
+    t = tl.load(step_ptr).to(tl.float64)
+    bc1 = 1.0 - tl.exp(t * tl.log(beta1))
+    bc2 = 1.0 - tl.exp(t * tl.log(beta2))
+    step_size = (lr / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+    one_m_b1 = (1.0 - beta1).to(tl.float32)
+    one_m_b2 = (1.0 - beta2).to(tl.float32)
+    eps = tl.load(hyper_ptr + HYPER_EPS).to(tl.float32)
+    wd = tl.load(hyper_ptr + HYPER_WEIGHT_DECAY).to(tl.float32)
+    return step_size, bc2_sqrt, one_m_b1, beta2.to(tl.float32), one_m_b2, eps, wd
 
 
 @triton.jit
@@ -31,31 +53,24 @@ def adam_apply(
     m_ptr,  # flat fp32 first moments
     v_ptr,  # flat fp32 second moments
     lowp_ptr,  # flat bf16 copy of the parameters the kernels read (WRITE_LOWP); None otherwise
-    hyper_ptr,  # float64 [lr, beta1, beta2, eps, weight_decay]
-    step_ptr,  # () fp32 step count t (>= 1)
     offs,  # offsets of this tile in the flat buffers (any shape)
     mask,  # which of them exist
     g,  # fp32 gradient tile, the shape of offs
+    step_size,  # the scalars of adam_scalars
+    bc2_sqrt,
+    one_m_b1,
+    beta2,
+    one_m_b2,
+    eps,
+    wd,
     WRITE_LOWP: tl.constexpr,
 ):
-    lr = tl.load(hyper_ptr + HYPER_LR)
-    beta1 = tl.load(hyper_ptr + HYPER_BETA1)
-    beta2 = tl.load(hyper_ptr + HYPER_BETA2)
-    eps = tl.load(hyper_ptr + HYPER_EPS).to(tl.float32)
-    wd = tl.load(hyper_ptr + HYPER_WEIGHT_DECAY).to(tl.float32)
-    t = tl.load(step_ptr).to(tl.float64)
-    bc1 = 1.0 - tl.exp(t * tl.log(beta1))
-    bc2 = 1.0 - tl.exp(t * tl.log(beta2))
-    step_size = (lr / bc1).to(tl.float32)
-    bc2_sqrt = tl.sqrt_rn(bc2).to(tl.float32)
-    one_m_b1 = (1.0 - beta1).to(tl.float32)
-    one_m_b2 = (1.0 - beta2).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     g = g + wd * p
     m = m + one_m_b1 * (g - m)
-    v = v * beta2.to(tl.float32) + one_m_b2 * g * g
+    v = v * beta2 + one_m_b2 * g * g
     # IEEE-rounded sqrt and division (Triton's plain ones are approximate on the GPU), as torch computes
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)

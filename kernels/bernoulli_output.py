@@ -55,7 +55,9 @@ def _bernoulli_output_kernel(
     tl.store(rp_ptr + pid_n * M + rm, tl.sum(tl.where(mask, bce, 0.0), axis=1), mask=m_mask)
     # sigmoid from the same exp: l >= 0 -> 1 / (1 + e), l < 0 -> e / (1 + e)
     sig = tl.where(logits >= 0, 1.0, e) / (1.0 + e)
-    tl.store(dlogits_ptr + rm[:, None] * D + rn[None, :], (sig - x).to(dlogits_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        dlogits_ptr + rm[:, None] * D + rn[None, :], (sig - x).to(dlogits_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -77,7 +79,9 @@ def _finalize_loss_kernel(
     rec = tl.load(rp_ptr + rm, mask=m_mask, other=0.0)
     for t in range(1, T):  # fixed order: deterministic
         rec += tl.load(rp_ptr + t * M + rm, mask=m_mask, other=0.0)
-    tl.store(loss_ptr + rm, rec + tl.load(beta_ptr) * tl.load(kl_ptr + rm, mask=m_mask, other=0.0), mask=m_mask)
+    tl.store(
+        loss_ptr + rm, rec + tl.load(beta_ptr) * tl.load(kl_ptr + rm, mask=m_mask, other=0.0), mask=m_mask
+    )
     if ADVANCE_RNG:
         # every kernel that reads the key ran before this one (stream order)
         if pid == 0:

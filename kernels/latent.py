@@ -33,8 +33,8 @@ from fastvae.kernels.heuristics import latent_pad, launch
 
 # Philox key spreading: counter * an odd 63-bit constant spreads successive counters over the key's bits;
 # the binarization noise uses the same key plus another odd constant, so the two streams never meet.
-EPS_KEY_MULT: tl.constexpr = 0x632BE59BD9B4E019
-BINARIZE_KEY_SALT: tl.constexpr = 0x2545F4914F6CDD1D
+EPS_KEY_MULT = tl.constexpr(0x632BE59BD9B4E019)
+BINARIZE_KEY_SALT = tl.constexpr(0x2545F4914F6CDD1D)
 # Rows of the eps-drawing helper kernel's programs.
 DRAW_EPS_ROWS = 16
 

@@ -30,7 +30,7 @@ from fastvae.kernels.latent import latent_rows, philox_uniform_binarize
 A_LOAD = 0
 A_GATHER = 1
 A_LATENT = 2
-UINT8_SCALE: tl.constexpr = 255.0  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
+UINT8_SCALE = tl.constexpr(255.0)  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
 
 
 @triton.jit
@@ -84,7 +84,9 @@ def _layer_fwd_kernel(
         zc = latent_rows(hp_ptr, bh_ptr, eps_ptr, rng_ptr, mulv_ptr, z_ptr, kl_ptr, rm, write_rows, M, Z, T_in,
                          row_offset, USE_RNG, ZP)  # fmt: skip
         rz = tl.arange(0, ZP)
-        w = tl.load(w_ptr + rn[None, :] * K + rz[:, None], mask=(rz[:, None] < K) & n_mask[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + rn[None, :] * K + rz[:, None], mask=(rz[:, None] < K) & n_mask[None, :], other=0.0
+        )
         acc = tl.dot(zc, w.to(zc.dtype), acc, input_precision=PRECISION)
     else:
         if A_MODE == 1:
@@ -101,11 +103,15 @@ def _layer_fwd_kernel(
                     u = philox_uniform_binarize(rng_ptr, row_offset + rm, rk, K)
                     xf = (u < xf).to(tl.float32)
                 a = xf.to(x_out_ptr.dtype.element_ty)
-                tl.store(x_out_ptr + rm[:, None] * K + rk[None, :], a, mask=mk_mask & (rm < write_rows)[:, None])
+                tl.store(
+                    x_out_ptr + rm[:, None] * K + rk[None, :], a, mask=mk_mask & (rm < write_rows)[:, None]
+                )
             else:
                 a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mk_mask, other=0.0)
             # (BLOCK_K, BLOCK_N) tile of W^T
-            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            )
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
     bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     y = apply_act(acc + bias[None, :], ACT)
@@ -168,7 +174,9 @@ def _layer_bwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < N
-        dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        dy = tl.load(
+            dy_ptr + rm[:, None] * N + rn[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0
+        )
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=PRECISION)
     if ROW_SCALE:
@@ -182,7 +190,9 @@ def _layer_bwd_kernel(
     tl.store(dx_ptr + rm[:, None] * K + rk[None, :], dxc, mask=mask)
     if DZ:
         rz = tl.arange(0, ZP)
-        wz = tl.load(wz_ptr + rk[:, None] * Z + rz[None, :], mask=k_mask[:, None] & (rz[None, :] < Z), other=0.0)
+        wz = tl.load(
+            wz_ptr + rk[:, None] * Z + rz[None, :], mask=k_mask[:, None] & (rz[None, :] < Z), other=0.0
+        )
         dz = tl.dot(dxc, wz.to(dxc.dtype), input_precision=PRECISION)
         tl.store(dzp_ptr + (pid_k * M + rm[:, None]) * ZP + rz[None, :], dz, mask=m_mask[:, None])
     if FINALIZE:

@@ -305,16 +305,17 @@ class EngineStep:
     """The engine's whole training step as 2L + 2 launches over persistent buffers (no autograd, no aten op).
 
     ``params``/``adam``: flat fp32 parameters and Adam state (the model's parameters are views of
-    ``adam.params``); ``weights``/``biases``: the tensors the kernels read (views of ``adam.lowp`` in bf16).
+    ``adam.params``); ``grad`` (P,) fp32 the step's gradient; ``weights``/``biases``: the tensors the kernels read (views of ``adam.lowp`` in bf16).
     ``data`` (N, D) uint8 resident; ``batches`` (steps, B) int64; ``cursor`` int64 [1]; ``rng_state`` int64
     [seed, counter]; ``beta`` () fp32; ``loss_acc`` (B,) fp32; ``grad_weight`` (B,) fp32 = 1/B.
     """
 
-    def __init__(self, plan: Plan, *, weights, biases, adam: AdamBuffers, data, batches, cursor, rng_state,
+    def __init__(self, plan: Plan, *, weights, biases, adam: AdamBuffers, grad, data, batches, cursor, rng_state,
                  beta, loss_acc, grad_weight, binarize: bool) -> None:  # fmt: skip
         self.plan, self.weights, self.biases, self.adam = plan, list(weights), list(biases), adam
         self.data, self.batches, self.cursor, self.rng_state = data, batches, cursor, rng_state
         self.beta, self.loss_acc, self.grad_weight, self.binarize = beta, loss_acc, grad_weight, binarize
+        self.grad = grad  # (P,) fp32: the step's gradient, written before Adam reads it back
         self.buf = Buffers(plan, adam.params.device)
 
     def __call__(self) -> None:
@@ -326,4 +327,4 @@ class EngineStep:
         finalize = dict(rec_partials=buf.rec_partials, kl=buf.kl, beta=self.beta, loss=buf.loss,
                         loss_acc=self.loss_acc)  # fmt: skip
         run_backward(plan, buf, self.weights, x=None, eps=None, rng_used=self.rng_state, grad_out=self.grad_weight,
-                     beta=self.beta, finalize=finalize, adam=self.adam, advance=(self.cursor, self.rng_state))  # fmt: skip
+                     beta=self.beta, finalize=finalize, grad_flat=self.grad, adam=self.adam, advance=(self.cursor, self.rng_state))  # fmt: skip

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels.adam import adam_apply
+from fastvae.kernels.adam import adam_apply, adam_scalars
 from fastvae.kernels.heuristics import (
     ELEMENTWISE_BLOCK,
     ELEMENTWISE_WARPS,
@@ -39,17 +39,19 @@ from fastvae.kernels.heuristics import (
 )
 
 # Columns of the group table, one row per layer.
-COL_START: tl.constexpr = 0  # first program of the group
-COL_TILES_K: tl.constexpr = 1  # K tiles per N tile
-COL_A_IN_X: tl.constexpr = 2  # 1: a is the network input x (x_ptr), 0: a lives in the workspace
-COL_DY_OFF: tl.constexpr = 3  # element offset of dy (M, N) in the workspace
-COL_A_OFF: tl.constexpr = 4  # element offset of a (M, K) in the workspace (0 for x)
-COL_N: tl.constexpr = 5
-COL_K: tl.constexpr = 6
-COL_W_OFF: tl.constexpr = 7  # offset of dW (N, K) in the flat parameter / gradient buffer
-COL_B_OFF: tl.constexpr = 8  # offset of db (N,)
-COL_SCALE_ROWS: tl.constexpr = 9  # 1: scale dy's rows by grad_output (dlogits is stored unscaled)
-TABLE_COLS: tl.constexpr = 10
+COL_START = tl.constexpr(0)  # first program of the group
+COL_TILES_K = tl.constexpr(1)  # K tiles per N tile
+COL_A_IN_X = tl.constexpr(2)  # 1: a is the network input x (x_ptr), 0: a lives in the workspace
+COL_DY_OFF = tl.constexpr(3)  # element offset of dy (M, N) in the workspace
+COL_A_OFF = tl.constexpr(4)  # element offset of a (M, K) in the workspace (0 for x)
+COL_N = tl.constexpr(5)
+COL_K = tl.constexpr(6)
+COL_W_OFF = tl.constexpr(7)  # offset of dW (N, K) in the flat parameter / gradient buffer
+COL_B_OFF = tl.constexpr(8)  # offset of db (N,)
+COL_SCALE_ROWS = tl.constexpr(9)  # 1: scale dy's rows by grad_output (dlogits is stored unscaled)
+TABLE_COLS = tl.constexpr(10)
+# Rows of a weight-gradient tile per Adam slice: 16 x 128 fp32 = 8 elements per thread at 8 warps.
+ADAM_ROWS = 16
 
 
 @triton.jit
@@ -59,7 +61,7 @@ def _grouped_wgrad_kernel(
     x_ptr,  # (M, D) network input when it lives outside the workspace; None otherwise
     s_ptr,  # (M,) grad_output, scales dy rows of groups that ask for it
     s_stride,  # element stride of s (0 for an expanded scalar)
-    out_ptr,  # (S, P) fp32 partial gradients; the gradients themselves when S == 1 (not FUSED_ADAM)
+    out_ptr,  # (S, P) fp32 partial gradients; the gradients themselves when S == 1 (Adam reads them back)
     params_ptr,  # (P,) fp32 flat parameters (FUSED_ADAM); None otherwise
     m_ptr,  # (P,) fp32 Adam first moments (FUSED_ADAM)
     v_ptr,  # (P,) fp32 Adam second moments (FUSED_ADAM)
@@ -81,11 +83,12 @@ def _grouped_wgrad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # batch rows per inner step
+    ADAM_ROWS: tl.constexpr,  # rows of the dW tile per Adam slice (FUSED_ADAM)
 ):
     pid = tl.program_id(0)
     grp = pid * 0  # an int32 tensor from the start, so the loop carries one type
-    for g in range(1, G):
-        grp = tl.where(pid >= tl.load(table_ptr + g * TABLE_COLS + COL_START), g, grp)
+    for gi in range(1, G):
+        grp = tl.where(pid >= tl.load(table_ptr + gi * TABLE_COLS + COL_START), gi, grp)
     row = table_ptr + grp * TABLE_COLS
     start = tl.load(row + COL_START)
     tiles_k = tl.load(row + COL_TILES_K)
@@ -123,7 +126,9 @@ def _grouped_wgrad_kernel(
     for r0 in range(lo, hi, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < hi
-        dy = tl.load(dy_base + rr[:, None] * N + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        dy = tl.load(
+            dy_base + rr[:, None] * N + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
         if scale_rows != 0:
             s = tl.load(s_ptr + rr * s_stride, mask=r_mask, other=0.0).to(tl.float32)
             dy = (dy.to(tl.float32) * s[:, None]).to(dy.dtype)
@@ -133,13 +138,26 @@ def _grouped_wgrad_kernel(
     w_offs = w_off + rn[:, None] * K + rk[None, :]
     w_mask = n_mask[:, None] & k_mask[None, :]
     b_mask = rn < tl.where(tk == 0, N, 0)  # the first K tile's programs own the bias
+    out = out_ptr + split * P
+    tl.store(out + w_offs, acc, mask=w_mask)
+    tl.store(out + b_off + rn, bacc, mask=b_mask)
     if FUSED_ADAM:
-        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, hyper_ptr, step_ptr, w_offs, w_mask, acc, WRITE_LOWP)
-        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, hyper_ptr, step_ptr, b_off + rn, b_mask, bacc, WRITE_LOWP)
-    else:
-        out = out_ptr + split * P
-        tl.store(out + w_offs, acc, mask=w_mask)
-        tl.store(out + b_off + rn, bacc, mask=b_mask)
+        # Adam over the tile in ADAM_ROWS-row slices read back from the gradient this program just wrote
+        # (L2-resident): holding p, m, v for the whole tile next to the accumulator needed 255 registers and
+        # spilled 9.5 KB in bf16 at 128 x 128 (resource report, sm_90). The barrier makes the CTA's own
+        # stores visible to all its threads.
+        tl.debug_barrier()
+        step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2, eps, wd = adam_scalars(hyper_ptr, step_ptr)
+        for c in range(0, BLOCK_N, ADAM_ROWS):
+            rc = tn * BLOCK_N + c + tl.arange(0, ADAM_ROWS)
+            offs = w_off + rc[:, None] * K + rk[None, :]
+            mask = (rc < N)[:, None] & k_mask[None, :]
+            gw = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, offs, mask, gw, step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2,
+                       eps, wd, WRITE_LOWP)  # fmt: skip
+        gb = tl.load(out_ptr + b_off + rn, mask=b_mask, other=0.0)
+        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, b_off + rn, b_mask, gb, step_size, bc2_sqrt, one_m_b1, beta2,
+                   one_m_b2, eps, wd, WRITE_LOWP)  # fmt: skip
     if ADVANCE:
         if pid == 0:
             tl.store(cursor_ptr, tl.load(cursor_ptr) + 1)
@@ -172,7 +190,9 @@ def _split_sum_kernel(
     for s in range(1, S):  # fixed order: deterministic
         acc += tl.load(part_ptr + s * P + offs, mask=mask, other=0.0)
     if FUSED_ADAM:
-        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, hyper_ptr, step_ptr, offs, mask, acc, WRITE_LOWP)
+        step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2, eps, wd = adam_scalars(hyper_ptr, step_ptr)
+        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, offs, mask, acc, step_size, bc2_sqrt, one_m_b1, beta2,
+                   one_m_b2, eps, wd, WRITE_LOWP)  # fmt: skip
     else:
         tl.store(out_ptr + offs, acc, mask=mask)
     if ADVANCE:
@@ -222,9 +242,11 @@ def _table(groups, tiles: WgradTiles, splits: int, device: torch.device, x_in_ws
             tiles_n, tiles_k = triton.cdiv(g.n, tiles.n), triton.cdiv(g.k, tiles.k)
             a_in_x = g.a_off is None and not x_in_ws
             a_off = 0 if g.a_off is None else g.a_off
-            rows.append([start, tiles_k, int(a_in_x), g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off, int(g.scale_rows)])
+            rows.append(
+                [start, tiles_k, int(a_in_x), g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off, int(g.scale_rows)]
+            )
             start += tiles_n * tiles_k * splits
-        assert len(rows[0]) == TABLE_COLS
+        assert len(rows[0]) == TABLE_COLS.value
         _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=device), start)
     return _TABLES[key]
 
@@ -243,13 +265,13 @@ def grouped_weight_grads(
     advance: tuple[torch.Tensor, torch.Tensor] | None = None,
     x_offset: int | None = None,
 ) -> None:
-    """Every group's dW and db, into the flat fp32 gradient ``out`` (P,) or through Adam into ``adam``.
+    """Every group's dW and db into the flat fp32 gradient ``out`` (P,), then through Adam when ``adam``.
 
     ``x`` None: the network input lives in the workspace at ``x_offset`` (the groups' ``a_off`` None).
     ``advance``: (cursor, rng_state) to advance by one in the step's last kernel. 1 or 2 launches.
     """
-    assert (out is None) != (adam is None)
-    p = (out if out is not None else adam.params).numel()
+    assert out is not None, "the flat fp32 gradient buffer (Adam reads the gradient back from it)"
+    p = out.numel()
     device = ws.device
     x_in_ws = x is None
     if x_in_ws:
@@ -266,7 +288,7 @@ def grouped_weight_grads(
     launch(
         _grouped_wgrad_kernel, (programs,),
         table_ptr=table, ws_ptr=ws, x_ptr=x, s_ptr=grad_out, s_stride=grad_out.stride(0),
-        out_ptr=None if fused_here else part,
+        out_ptr=part,
         params_ptr=a.params if fused_here else None, m_ptr=a.exp_avg if fused_here else None,
         v_ptr=a.exp_avg_sq if fused_here else None, lowp_ptr=a.lowp if fused_here else None,
         hyper_ptr=a.hyper if fused_here else None, step_ptr=a.step if fused_here else None,
@@ -274,7 +296,7 @@ def grouped_weight_grads(
         G=len(groups), M=batch, P=p, S=splits, rows_per_split=rows_per_split,
         X_IN_WS=x_in_ws, FUSED_ADAM=fused_here, WRITE_LOWP=fused_here and a.lowp is not None,
         ADVANCE=advance is not None and splits == 1, PRECISION=precision,
-        BLOCK_N=tiles.n, BLOCK_K=tiles.k, BLOCK_R=tiles.r, num_warps=tiles.warps,
+        BLOCK_N=tiles.n, BLOCK_K=tiles.k, BLOCK_R=tiles.r, ADAM_ROWS=ADAM_ROWS, num_warps=tiles.warps,
     )  # fmt: skip
     if splits > 1:
         # grid: one program per ELEMENTWISE_BLOCK gradient elements
