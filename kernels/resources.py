@@ -58,8 +58,9 @@ class KernelReport:
     flags: dict
 
 
-def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine"):
-    """The launches of one training step (``engine``: the replayed step; ``module``: FusedVAE under autograd)."""
+def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", caller_eps: bool = False):
+    """The launches of one training step (``engine``: the replayed step; ``module``: FusedVAE under autograd,
+    with the caller's eps when ``caller_eps``)."""
     from fastvae.config import preset
     from fastvae.kernels.activations import ACT_CODES
     from fastvae.kernels.heuristics import recording
@@ -99,7 +100,8 @@ def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine"):
         else:
             ps = [v.detach().requires_grad_() for v in views]
             x = torch.empty(batch, cfg.flat_dim, dtype=dt, device=dev)
-            loss, _ = FusedNegativeElbo.apply(x, None, rng, beta, plan, 0, *ps)
+            eps = torch.empty(batch, cfg.latent_dim, **f32) if caller_eps else None
+            loss, _ = FusedNegativeElbo.apply(x, eps, rng, beta, plan, 0, *ps)
             loss.backward(torch.empty(batch, **f32))
     return plan, launches
 

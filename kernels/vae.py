@@ -59,6 +59,20 @@ class Plan:
     def tiles(self, width: int) -> Tiles:
         return layer_tiles(self.batch, width, self.dtype)
 
+    def latent_tiles(self, width: int, small_k: bool = False) -> Tiles:
+        """Tiles of the kernels that also carry latent-width work: the same feature tiles (the partial counts
+        must match), fewer rows where the report showed spills (sm_90, compiled, not timed).
+
+        Head / dz partials next to a large GEMM: half the rows when Z pads to 64 or more (iwae, Z = 50 -> 64,
+        B = 16384 fp32: 64-row blocks used 255 registers and spilled 230-1,550 bytes; 32 rows: none).
+        ``small_k`` (the latent prologue + first decoder layer, the latent backward: reductions over ZP only,
+        so no weight reuse to protect): at most 32 rows (paper, B = 16384 fp32: 64 rows spilled 16 bytes at
+        80 registers; 32 rows: 64 registers, 4 CTAs/SM, no spill)."""
+        t = self.tiles(width)
+        if t.rows >= 32 and (self.zp >= 64 or (small_k and t.rows > 32)):
+            return Tiles(t.rows // 2, t.cols, t.red, t.warps)
+        return t
+
     def layout(self) -> dict[str, int]:
         """Element offsets of each (B, width) activation and gradient in the workspace, and its size."""
         b, off, out = self.batch, 0, {}
@@ -165,7 +179,8 @@ def run_forward(
         head = (weights[L], buf.head_partials) if i == L - 1 else None
         out = v(f"h{i}", plan.enc[i])
         layer_forward(
-            w=weights[i], b=biases[i], out=out, act=plan.act, tiles=plan.tiles(plan.enc[i]), precision=prec,
+            w=weights[i], b=biases[i], out=out, act=plan.act, precision=prec,
+            tiles=plan.latent_tiles(plan.enc[i]) if head else plan.tiles(plan.enc[i]),
             a=a if (i > 0 or gather is None) else None, gather=gather if i == 0 else None, head=head,
             step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset,
         )  # fmt: skip
@@ -175,7 +190,8 @@ def run_forward(
     for i in range(L):
         out = v(f"hd{i}", plan.dec[i])
         layer_forward(
-            w=weights[L + 1 + i], b=biases[L + 1 + i], out=out, act=plan.act, tiles=plan.tiles(plan.dec[i]),
+            w=weights[L + 1 + i], b=biases[L + 1 + i], out=out, act=plan.act,
+            tiles=plan.latent_tiles(plan.dec[i], small_k=True) if i == 0 else plan.tiles(plan.dec[i]),
             precision=prec, a=a if i > 0 else None, latent=latent if i == 0 else None, zdim=plan.z,
             row_offset=row_offset,
         )  # fmt: skip
@@ -207,16 +223,18 @@ def run_backward(
     # output layer: dhd_{L-1} = (s * dlogits) W_out * act'(hd_{L-1})
     layer_backward_input(
         dy=v("dlogits", plan.d), w=weights[-1], h=v(f"hd{L - 1}", plan.dec[-1]), act=plan.act,
-        out=v(f"dhd{L - 1}", plan.dec[-1]), tiles=plan.tiles(plan.dec[-1]), precision=prec, row_scale=grad_out,
+        out=v(f"dhd{L - 1}", plan.dec[-1]), precision=prec, row_scale=grad_out,
+        tiles=plan.latent_tiles(plan.dec[-1]) if L == 1 else plan.tiles(plan.dec[-1]),
         dz=dz if L == 1 else None, finalize=finalize,
     )  # fmt: skip
     for i in range(L - 1, 0, -1):
         layer_backward_input(
             dy=v(f"dhd{i}", plan.dec[i]), w=weights[L + 1 + i], h=v(f"hd{i - 1}", plan.dec[i - 1]), act=plan.act,
-            out=v(f"dhd{i - 1}", plan.dec[i - 1]), tiles=plan.tiles(plan.dec[i - 1]), precision=prec,
+            out=v(f"dhd{i - 1}", plan.dec[i - 1]), precision=prec,
+            tiles=plan.latent_tiles(plan.dec[i - 1]) if i == 1 else plan.tiles(plan.dec[i - 1]),
             dz=dz if i == 1 else None,
         )  # fmt: skip
-    t = plan.tiles(plan.enc[-1])
+    t = plan.latent_tiles(plan.enc[-1], small_k=True)
     latent_backward(
         dz_partials=buf.dz_partials, mulv=buf.mulv, eps=eps, rng_state=rng_used, grad_out=grad_out, beta=beta,
         w_head=weights[L], h=v(f"h{L - 1}", plan.enc[-1]), act=plan.act, row_offset=row_offset,

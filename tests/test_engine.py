@@ -119,3 +119,126 @@ def test_cuda_graph_replay_matches_eager_steps():
         assert model.rng_state[1].item() == 7  # new noise every replay
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+# ---- the fused engine step (FusedVAE + Adam over uint8 resident data) --------------------------------
+CFG2 = VAEConfig(input_dim=50, hidden_dims=(33, 19), latent_dim=5, activation="tanh")
+
+
+def _fused_engine(cfg, batch=32, seed=0, lr=1e-2, binarize=False, **adam):
+    torch.manual_seed(seed)
+    model = FusedVAE(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, **adam)
+    eng = TrainStep(model, opt, _data(), batch, binarize=binarize)
+    assert eng._fused is not None
+    return model, opt, eng
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG2], ids=["1-layer", "2-layers"])
+def test_fused_engine_step_equals_the_eager_fused_path_with_torch_adam(cfg):
+    """Same order, same in-kernel noise (keyed by the same counter), same init: the engine's fused step
+    (Adam in the weight-gradient epilogue) against FusedVAE under autograd + torch.optim.Adam."""
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(1))
+    model, opt, eng = _fused_engine(cfg, weight_decay=1e-3)
+    twin = FusedVAE(cfg)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2, weight_decay=1e-3)
+    eng.load_epoch(perm)
+    for _ in range(4):
+        eng.step()
+    engine_loss = eng.read_loss()
+    data, total = _data(), 0.0
+    for i in range(4):
+        loss = twin.negative_elbo(data.batch(perm[i * 32 : (i + 1) * 32]))
+        twin_opt.zero_grad()
+        loss.mean().backward()
+        twin_opt.step()
+        total += loss.double().sum().item()
+    assert engine_loss == pytest.approx(total, rel=1e-6)
+    assert eng.cursor.item() == 4 and model.rng_state[1].item() == 4 == twin.rng_state[1].item()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # the optimizer's state is the engine's: a checkpoint of it holds the fused moments and step
+    st, twin_st = opt.state_dict()["state"], twin_opt.state_dict()["state"]
+    assert float(st[0]["step"]) == 4.0
+    for i in st:
+        torch.testing.assert_close(st[i]["exp_avg"], twin_st[i]["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+def test_fused_engine_adam_update_equals_float64_reference():
+    """One engine step against float64: the same x and eps through ReferenceVAE in float64, then
+    torch.optim.Adam in float64; the parameter update (p_after - p_before) of every tensor."""
+    from fastvae.kernels.latent import draw_eps
+
+    model, _, eng = _fused_engine(CFG, batch=37, lr=3e-3)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(2))
+    eng.load_epoch(perm)
+    ref = ReferenceVAE(CFG).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    before = [p.detach().double().clone() for p in model.parameters()]
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-3)
+    for step in range(2):
+        x = _data().batch(perm[step * 37 : (step + 1) * 37]).double()
+        eps = draw_eps(model.rng_state.clone(), 37, CFG.latent_dim).double()
+        eng.step()
+        ref_opt.zero_grad()
+        ref.negative_elbo(x, eps).mean().backward()
+        ref_opt.step()
+    for (name, p), q, b in zip(model.named_parameters(), ref.parameters(), before):
+        delta, ref_delta = p.detach().double() - b, q.detach() - b
+        assert ((delta - ref_delta).norm() / ref_delta.norm()).item() < 1e-4, name
+
+
+def test_fused_engine_is_bit_identical_across_runs():
+    runs = []
+    for _ in range(2):
+        model, _, eng = _fused_engine(CFG2, binarize=True)
+        eng.load_epoch(torch.arange(256))
+        for _ in range(3):
+            eng.step()
+        runs.append(([p.detach().clone() for p in model.parameters()], eng.loss_acc.clone()))
+    for a, b in zip(runs[0][0] + [runs[0][1]], runs[1][0] + [runs[1][1]]):
+        assert torch.equal(a, b)
+
+
+def test_fused_engine_binarizes_in_kernel_with_counter_keyed_noise():
+    model, _, eng = _fused_engine(CFG, batch=64, binarize=True)
+    eng.load_epoch(torch.arange(256))
+    data = _data()
+    seen = []
+    for step in range(2):
+        eng.step()
+        x = eng._fused.buf.view("x", 50).clone()
+        seen.append(x)
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+        p = data.batch(torch.arange(step * 64, (step + 1) * 64))
+        n = p.numel()
+        assert abs(x.mean().item() - p.mean().item()) < 4 * (0.25 / n) ** 0.5  # E[x] = pixel intensity
+    model.rng_state[1] = 0  # same counter, same rows -> the same draw
+    eng.cursor.zero_()
+    eng.step()
+    assert torch.equal(eng._fused.buf.view("x", 50), seen[0])
+
+
+@pytest.mark.parametrize("cfg, limit", [(CFG, 6), (CFG2, 10)], ids=["1-layer", "2-layers"])
+def test_engine_step_kernel_count(cfg, limit):
+    """Every kernel one engine step issues (aten ops that launch + Triton launches), traced on the CPU. The
+    count depends on the depth only: 1 hidden layer (pytorch-example, paper) <= 6, 2 (iwae) <= 10."""
+    from fastvae.launches import trace_kernels
+
+    _, _, eng = _fused_engine(cfg, binarize=True)
+    eng.load_epoch(torch.arange(256))
+    eng.step()
+    trace = trace_kernels(eng.step)
+    assert trace.aten == [], trace.summary()
+    assert trace.total <= limit, trace.summary()
+
+
+def test_engine_step_kernel_count_at_the_pytorch_example_preset():
+    """The same count at the real shapes (784-400-20, B = 128) on meta tensors (launches recorded)."""
+    from fastvae.kernels.resources import record_step
+
+    for preset_name, limit in (("pytorch-example", 6), ("iwae", 10)):
+        for dtype in ("fp32", "bf16"):
+            _, launches = record_step(preset_name, 128, dtype)
+            assert len(launches) <= limit, [ln.name for ln in launches]
