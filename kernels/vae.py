@@ -248,7 +248,7 @@ def run_backward(
         )  # fmt: skip
     grouped_weight_grads(
         groups=plan.grad_groups(), ws=buf.ws, x=x, grad_out=grad_out, batch=plan.batch,
-        tiles=wgrad_tiles(plan.dtype), precision=prec, out=grad_flat, adam=adam, advance=advance,
+        tiles=wgrad_tiles(plan.dtype, plan.batch), precision=prec, out=grad_flat, adam=adam, advance=advance,
         x_offset=buf.lay["x"],
     )  # fmt: skip
 
