@@ -111,13 +111,13 @@ def wgrad_tiles(dtype: torch.dtype, batch: int) -> WgradTiles:
     fp32 (IEEE FMA dots): 64 x 64 with 16-row chunks and 16 warps. With Adam in the epilogue (pytorch-example,
     B = 128, report, sm_90): 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled, 8 warps with
     32-row chunks 177 (1 CTA/SM), 16 warps 80 registers, no spill, 16 warps resident per SM.
-    bf16 / TF32: 128 x 128 on tensor cores (wgmma) with 32-row chunks, 8 warps: 253 registers, no spill. Below
-    WGRAD_MIN_ROWS_PER_SPLIT rows (where split-K would cost a second kernel and is not allowed), 64 x 128, so
-    that pytorch-example at B = 128 has 112 CTAs instead of 64.
+    bf16 / TF32: 128 x 128 on tensor cores (wgmma) with 32-row chunks, 8 warps: 253 registers, no spill. Where
+    the batch is too small to split (< 2 x WGRAD_MIN_ROWS_PER_SPLIT rows), 64 x 128 (244 registers), so
+    that pytorch-example has 112 CTAs instead of 64 at B = 128 and 1,024.
     """
     if dtype == torch.float32 and dot_precision(dtype) == "ieee":
         return WgradTiles(64, 64, 16, 16)
-    if batch < WGRAD_MIN_ROWS_PER_SPLIT:
+    if batch < 2 * WGRAD_MIN_ROWS_PER_SPLIT:
         return WgradTiles(64, 128, 32, 8)
     return WgradTiles(128, 128, 32, 8)
 
