@@ -16,8 +16,8 @@ Choices:
   accumulation, loss and KL; the reference model runs under ``torch.autocast``.
 - A FusedVAE trained with ``torch.optim.Adam`` over resident uint8 data takes the fused step
   (``fastvae.kernels.vae.EngineStep``): no autograd and no aten op, 2L + 2 Triton kernels (6 for
-  ``pytorch-example``, 10 for ``iwae``). The first gathers and binarizes the batch from the uint8 data by
-  index, the last applies Adam in its epilogue to a flat parameter buffer (the model's parameters become
+  ``pytorch-example``, 10 for ``iwae``). The first gathers the batch from the uint8 data by index and
+  binarizes it by the row rule of ``fastvae.noise`` (the same draw as the autograd step), the last applies Adam in its epilogue to a flat parameter buffer (the model's parameters become
   views of it; the optimizer's state entries become views of the flat moments, so its state_dict and a
   checkpoint resume keep working), and the kernels advance the cursor, the RNG counter, the Adam step and
   the loss accumulator. Any other model or optimizer takes the autograd step below.
@@ -29,12 +29,14 @@ from contextlib import nullcontext
 
 import torch
 
+from fastvae.config import DTYPES
 from fastvae.data import DeviceData
 from fastvae.fused import FusedVAE
 from fastvae.kernels.adam import HYPER_SIZE
+from fastvae.noise import binarize as binarize_rows
+from fastvae.schedules import TRAIN_BINARIZE_SALT, step_noise
 
 WARMUP_STEPS = 3
-DTYPES = ("fp32", "tf32", "bf16")
 
 
 def set_matmul_precision(dtype: str) -> None:
@@ -62,24 +64,29 @@ class TrainStep:
         binarize: bool = False,
         dtype: str = "fp32",
         cuda_graph: bool | None = None,
+        seed: int = 0,
+        free_bits: float = 0.0,
     ) -> None:
         self.model, self.opt, self.batch_size = model, optimizer, batch_size
-        self.binarize, self.dtype = binarize, dtype
+        self.binarize, self.dtype, self.seed, self.free_bits = binarize, dtype, seed, free_bits
         self.device = next(model.parameters()).device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         set_matmul_precision(dtype)
         dev = self.device
+        self.n_rows = len(data)
         self.steps_per_epoch = len(data) // batch_size
         # (steps, B) row indices of the epoch's batches, rewritten in place by load_epoch
         self.batches = torch.zeros(self.steps_per_epoch, batch_size, dtype=torch.int64, device=dev)
         self.cursor = torch.zeros(1, dtype=torch.int64, device=dev)  # batch index within the epoch
+        # epoch * N: with a row's data index, the run-wide sample id its training noise is keyed by
+        self.epoch_base = torch.zeros((), dtype=torch.int64, device=dev)
         self.beta = torch.tensor(float(model.config.beta), device=dev)  # KL weight, rewritten in place
         # d(mean loss)/d(per-sample loss): backward from this static vector needs no mean or ones kernel
         self.grad_weight = torch.full((batch_size,), 1.0 / batch_size, device=dev)
         self.loss_acc = torch.zeros(batch_size, dtype=torch.float32, device=dev)  # (B,) summed over steps
         self.steps_run = 0
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._fused = self._fused_step(data) if _fusable(model, optimizer, data) else None
+        self._fused = self._fused_step(data) if _fusable(model, optimizer, data, free_bits) else None
         # The autograd step reads the data as float once (MNIST: 188 MB): a batch is one gather, not
         # gather + convert + scale. The fused step reads the uint8 data itself.
         self.x = data.batch(torch.arange(len(data), device=dev)) if self._fused is None else None
@@ -87,6 +94,7 @@ class TrainStep:
     def _fused_step(self, data: DeviceData):
         """Flat parameters and Adam state shared with the model and the optimizer, and the fused step."""
         from fastvae.kernels.activations import ACT_CODES
+        from fastvae.kernels.row_noise import key_words
         from fastvae.kernels.vae import EngineStep, Plan
         from fastvae.kernels.weight_grad import AdamBuffers
 
@@ -130,14 +138,17 @@ class TrainStep:
         return EngineStep(
             plan, weights=views[0::2], biases=views[1::2], adam=AdamBuffers(flat, m, v, self.hyper, step, lowp),
             grad=grad, data=data.x, batches=self.batches, cursor=self.cursor, rng_state=model.rng_state,
-            beta=self.beta, loss_acc=self.loss_acc, grad_weight=self.grad_weight, binarize=self.binarize,
+            beta=self.beta, loss_acc=self.loss_acc, grad_weight=self.grad_weight,
+            binarize=(self.epoch_base, *key_words(self.seed, TRAIN_BINARIZE_SALT)) if self.binarize else None,
         )  # fmt: skip
 
     # ---- schedule inputs (written outside the graph, read inside it) ----------------------------
-    def load_epoch(self, perm: torch.Tensor) -> None:
+    def load_epoch(self, perm: torch.Tensor, epoch: int = 0, first: int = 0) -> None:
+        """Install epoch ``epoch``'s order ``perm``, starting at its batch ``first`` (a resumed epoch)."""
         n = self.steps_per_epoch * self.batch_size
         self.batches.copy_(perm[:n].view(self.steps_per_epoch, self.batch_size))
-        self.cursor.zero_()
+        self.cursor.fill_(first)
+        self.epoch_base.fill_(epoch * self.n_rows)
 
     def set_lr(self, lr: float) -> None:
         if self._fused is not None:
@@ -167,20 +178,22 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         idx = torch.index_select(self.batches, 0, self.cursor).view(-1)  # (B,)
         x = torch.index_select(self.x, 0, idx)  # (B, D) float in [0, 1]
-        if self.binarize:
-            x = (torch.rand_like(x) < x).to(x.dtype)
-        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        if isinstance(self.model, FusedVAE) and self.model._fallback(x) is None:
-            loss = self.model.fused_terms(x.to(compute), beta=self.beta)[0]  # eps drawn in-kernel
+        ids = self.epoch_base + idx  # (B,) schedules.sample_ids: epoch * N + data index
+        model = self.model
+        if isinstance(model, FusedVAE) and model.can_fuse(x, self.free_bits) is None:
+            if self.binarize:
+                x = binarize_rows(x, self.seed, TRAIN_BINARIZE_SALT, ids)
+            x = x.to(torch.bfloat16 if self.dtype == "bf16" else torch.float32)
+            loss = model.fused_terms(x, beta=self.beta)[0]  # eps drawn in-kernel
         else:
+            x, eps = step_noise(self.seed, ids, x, model.config.latent_dim, self.binarize)
             ctx = (
                 torch.autocast(self.device.type, dtype=torch.bfloat16)
                 if self.dtype == "bf16"
                 else nullcontext()
             )
             with ctx:
-                rec, kl = self.model.elbo_terms(x)
-                loss = rec.float() + self.beta * kl.float().sum(-1)
+                loss = model.objective(x, eps, beta=self.beta, free_bits=self.free_bits).loss.float()
         loss.backward(self.grad_weight)  # the gradient of loss.mean()
         self.opt.step()
         self.cursor += 1
@@ -205,10 +218,12 @@ class TrainStep:
         self.steps_run += 1
 
 
-def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData) -> bool:
-    """Can the step run as the fused kernel sequence (EngineStep)? FusedVAE with a Bernoulli likelihood, plain
-    Adam over exactly its parameters in one group, uint8 resident data."""
+def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData, free_bits: float) -> bool:
+    """Can the step run as the fused kernel sequence (EngineStep)? FusedVAE with a Bernoulli likelihood and no
+    free bits, plain Adam over exactly its parameters in one group, uint8 resident data."""
     if not isinstance(model, FusedVAE) or model.config.likelihood != "bernoulli" or not data.scaled:
+        return False
+    if free_bits > 0:
         return False
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
         return False

@@ -31,10 +31,8 @@ import triton.language as tl
 from fastvae.kernels.activations import act_grad_from_output
 from fastvae.kernels.heuristics import latent_pad, launch
 
-# Philox key spreading: counter * an odd 63-bit constant spreads successive counters over the key's bits;
-# the binarization noise uses the same key plus another odd constant, so the two streams never meet.
+# Philox key spreading: counter * an odd 63-bit constant spreads successive counters over the key's bits.
 EPS_KEY_MULT = tl.constexpr(0x632BE59BD9B4E019)
-BINARIZE_KEY_SALT = tl.constexpr(0x2545F4914F6CDD1D)
 PI = tl.constexpr(3.141592653589793)
 # Rows of the eps-drawing helper kernel's programs.
 DRAW_EPS_ROWS = 16
@@ -70,16 +68,6 @@ def philox_eps(rng_ptr, rows, cols, Z):
     offsets = (rows[:, None] * Z + cols[None, :]).to(tl.int32)
     i1, i2, _, _ = tl.randint4x(key, offsets)
     return _box_muller_cos(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
-
-
-@triton.jit
-def philox_uniform_binarize(rng_ptr, rows, cols, D):
-    """Uniform [0, 1) noise for binarizing pixel (global row, column), a stream apart from eps."""
-    seed = tl.load(rng_ptr)
-    counter = tl.load(rng_ptr + 1)
-    key = seed + counter * EPS_KEY_MULT + BINARIZE_KEY_SALT
-    offsets = (rows[:, None] * D + cols[None, :]).to(tl.int32)
-    return tl.rand(key, offsets)
 
 
 @triton.jit

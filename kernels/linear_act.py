@@ -25,7 +25,8 @@ import triton.language as tl
 
 from fastvae.kernels.activations import act_grad_from_output, apply_act
 from fastvae.kernels.heuristics import Tiles, latent_pad, launch
-from fastvae.kernels.latent import latent_rows, philox_uniform_binarize
+from fastvae.kernels.latent import latent_rows
+from fastvae.kernels.row_noise import row_uniform
 
 A_LOAD = 0
 A_GATHER = 1
@@ -39,11 +40,12 @@ def _layer_fwd_kernel(
     data_ptr,  # (N_data, K) uint8 resident data set (A_GATHER); None otherwise
     batches_ptr,  # (steps, M) int64 row indices of the epoch's batches (A_GATHER)
     cursor_ptr,  # int64 [1] index of this step's batch in ``batches`` (A_GATHER)
+    epoch_base_ptr,  # int64 () epoch * N: sample id = epoch_base + data index keys the binarization (BINARIZE)
     x_out_ptr,  # (M, K) output: the gathered batch in the compute dtype (A_GATHER)
     hp_ptr,  # (T_in, M, 2 ZP) fp32 head partials of the previous kernel (A_LATENT)
     bh_ptr,  # (2Z,) encoder head bias (A_LATENT)
     eps_ptr,  # (M, Z) fp32 caller noise (A_LATENT and not USE_RNG); None otherwise
-    rng_ptr,  # int64 [seed, counter] (A_LATENT with USE_RNG, BINARIZE)
+    rng_ptr,  # int64 [seed, counter] (A_LATENT with USE_RNG)
     mulv_ptr,  # (M, 2Z) fp32 output [mu | logvar] (A_LATENT)
     z_ptr,  # (M, Z) output z (A_LATENT)
     kl_ptr,  # (M,) fp32 output KL (A_LATENT)
@@ -58,9 +60,11 @@ def _layer_fwd_kernel(
     K,  # input features (Z when A_LATENT)
     Z,  # latent width (A_LATENT, HEAD)
     T_in,  # head partials to sum (A_LATENT)
-    row_offset,  # global index of row 0: keys the in-kernel noise
+    row_offset,  # global index of row 0: keys the in-kernel eps
+    key_lo,  # int32 words of noise.mix(seed, salt) for the binarization (BINARIZE)
+    key_hi,
     A_MODE: tl.constexpr,  # A_LOAD, A_GATHER or A_LATENT
-    BINARIZE: tl.constexpr,  # A_GATHER: x = [u < pixel] with Philox u
+    BINARIZE: tl.constexpr,  # A_GATHER: x = [u < pixel], u by fastvae.noise's row rule (row_noise.py)
     USE_RNG: tl.constexpr,  # A_LATENT: eps drawn in-kernel
     HEAD: tl.constexpr,  # emit head partials
     BUMP_STEP: tl.constexpr,  # advance the optimizer's step counter
@@ -92,6 +96,8 @@ def _layer_fwd_kernel(
         if A_MODE == 1:
             cursor = tl.load(cursor_ptr)
             src = tl.load(batches_ptr + cursor * M + rm, mask=m_mask, other=0)
+            if BINARIZE:
+                ids = tl.load(epoch_base_ptr) + src  # run-wide sample ids (schedules.sample_ids)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
@@ -100,7 +106,7 @@ def _layer_fwd_kernel(
                 px = tl.load(data_ptr + src[:, None] * K + rk[None, :], mask=mk_mask, other=0)
                 xf = tl.div_rn(px.to(tl.float32), UINT8_SCALE)  # exact, as torch divides
                 if BINARIZE:
-                    u = philox_uniform_binarize(rng_ptr, row_offset + rm, rk, K)
+                    u = row_uniform(ids, rk, key_lo, key_hi)
                     xf = (u < xf).to(tl.float32)
                 a = xf.to(x_out_ptr.dtype.element_ty)
                 tl.store(
@@ -225,7 +231,7 @@ def layer_forward(
 ) -> None:
     """out (M, N) = act(A (M, K) @ w (N, K)^T + b) with A from ``a``, ``gather`` or ``latent``.
 
-    ``gather``: dict(data, batches, cursor, x_out, rng (None: no binarize)).
+    ``gather``: dict(data, batches, cursor, x_out, binarize: None or (epoch_base, key_lo, key_hi)).
     ``latent``: dict(partials, b_head, eps (None: drawn from rng), rng, mulv, z, kl).
     ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)).
     """
@@ -234,7 +240,8 @@ def layer_forward(
     assert w.shape == (n, k) and b.shape == (n,), (w.shape, b.shape, out.shape)
     mode = A_LATENT if latent is not None else A_GATHER if gather is not None else A_LOAD
     g, lat = gather or {}, latent or {}
-    binarize = gather is not None and gather.get("rng") is not None
+    binarize = gather is not None and gather.get("binarize") is not None
+    epoch_base, key_lo, key_hi = g["binarize"] if binarize else (None, 0, 0)
     use_rng = latent is not None and lat["eps"] is None
     if head is not None:
         assert head[1].shape[0] == triton.cdiv(n, tiles.cols), (head[1].shape, n, tiles)
@@ -243,12 +250,13 @@ def layer_forward(
     launch(
         _layer_fwd_kernel, grid,
         a_ptr=a, data_ptr=g.get("data"), batches_ptr=g.get("batches"), cursor_ptr=g.get("cursor"),
+        epoch_base_ptr=epoch_base,
         x_out_ptr=g.get("x_out"), hp_ptr=lat.get("partials"), bh_ptr=lat.get("b_head"), eps_ptr=lat.get("eps"),
-        rng_ptr=g.get("rng") if binarize else lat.get("rng") if use_rng else None, mulv_ptr=lat.get("mulv"),
+        rng_ptr=lat.get("rng") if use_rng else None, mulv_ptr=lat.get("mulv"),
         z_ptr=lat.get("z"), kl_ptr=lat.get("kl"), w_ptr=w, b_ptr=b, y_ptr=out,
         whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
         M=m, N=n, K=k, Z=zdim, T_in=lat["partials"].shape[0] if latent else 0, row_offset=row_offset,
-        A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None, BUMP_STEP=step is not None,
+        key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None, BUMP_STEP=step is not None,
         ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
         BLOCK_K=latent_pad(k) if latent is not None else tiles.red, ZP=latent_pad(max(zdim, 1)),
         num_warps=tiles.warps,

@@ -94,7 +94,8 @@ def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", 
                 data=torch.empty(MNIST_ROWS, cfg.flat_dim, dtype=torch.uint8, device=dev),
                 batches=torch.empty(steps, batch, dtype=torch.int64, device=dev),
                 grad=torch.empty(p, **f32), cursor=torch.empty(1, dtype=torch.int64, device=dev), rng_state=rng, beta=beta,
-                loss_acc=torch.empty(batch, **f32), grad_weight=torch.empty(batch, **f32), binarize=True,
+                loss_acc=torch.empty(batch, **f32), grad_weight=torch.empty(batch, **f32),
+                binarize=(torch.empty((), dtype=torch.int64, device=dev), 123456789, -987654321),
             )  # fmt: skip
             step()
         else:

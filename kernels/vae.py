@@ -325,11 +325,12 @@ class EngineStep:
     ``params``/``adam``: flat fp32 parameters and Adam state (the model's parameters are views of
     ``adam.params``); ``grad`` (P,) fp32 the step's gradient; ``weights``/``biases``: the tensors the kernels read (views of ``adam.lowp`` in bf16).
     ``data`` (N, D) uint8 resident; ``batches`` (steps, B) int64; ``cursor`` int64 [1]; ``rng_state`` int64
-    [seed, counter]; ``beta`` () fp32; ``loss_acc`` (B,) fp32; ``grad_weight`` (B,) fp32 = 1/B.
+    [seed, counter]; ``beta`` () fp32; ``loss_acc`` (B,) fp32; ``grad_weight`` (B,) fp32 = 1/B;
+    ``binarize`` None or (epoch_base int64 () device tensor, key_lo, key_hi) (``row_noise.key_words``).
     """
 
     def __init__(self, plan: Plan, *, weights, biases, adam: AdamBuffers, grad, data, batches, cursor, rng_state,
-                 beta, loss_acc, grad_weight, binarize: bool) -> None:  # fmt: skip
+                 beta, loss_acc, grad_weight, binarize: tuple | None) -> None:  # fmt: skip
         self.plan, self.weights, self.biases, self.adam = plan, list(weights), list(biases), adam
         self.data, self.batches, self.cursor, self.rng_state = data, batches, cursor, rng_state
         self.beta, self.loss_acc, self.grad_weight, self.binarize = beta, loss_acc, grad_weight, binarize
@@ -338,8 +339,7 @@ class EngineStep:
 
     def __call__(self) -> None:
         plan, buf = self.plan, self.buf
-        gather = dict(data=self.data, batches=self.batches, cursor=self.cursor,
-                      rng=self.rng_state if self.binarize else None)  # fmt: skip
+        gather = dict(data=self.data, batches=self.batches, cursor=self.cursor, binarize=self.binarize)
         run_forward(plan, buf, self.weights, self.biases, x=None, eps=None, rng_state=self.rng_state,
                     gather=gather, step=self.adam.step)  # fmt: skip
         finalize = dict(rec_partials=buf.rec_partials, kl=buf.kl, beta=self.beta, loss=buf.loss,

@@ -13,6 +13,8 @@ from fastvae.bench import step_flops
 from fastvae.config import preset
 from fastvae.data import DeviceData
 from fastvae.engine import TrainStep, make_optimizer
+from fastvae.noise import row_normal
+from fastvae.schedules import TRAIN_EPS_SALT
 
 CFG = VAEConfig(input_dim=50, hidden_dims=(33,), latent_dim=5)
 
@@ -30,17 +32,17 @@ def test_engine_step_equals_a_plain_loop_over_the_same_order():
     twin = ReferenceVAE(CFG)
     twin.load_state_dict(model.state_dict())
     eng = TrainStep(model, make_optimizer(model, 1e-2, False), data, 32)
-    eng.load_epoch(perm)
-    torch.manual_seed(5)
+    eng.load_epoch(perm, epoch=2)
     for _ in range(6):
         eng.step()
     engine_loss = eng.read_loss()
     opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    torch.manual_seed(5)
     total = 0.0
     for i in range(6):
-        x = data.x[perm[i * 32 : (i + 1) * 32]].float() / 255
-        rec, kl = twin.elbo_terms(x)
+        idx = perm[i * 32 : (i + 1) * 32]
+        x = data.x[idx].float() / 255
+        eps = row_normal(0, TRAIN_EPS_SALT, 2 * 256 + idx, CFG.latent_dim)  # keyed by epoch * N + index
+        rec, kl = twin.elbo_terms(x, eps)
         loss = rec + kl.sum(-1)
         opt.zero_grad()
         loss.mean().backward()
@@ -129,7 +131,7 @@ def _fused_engine(cfg, batch=32, seed=0, lr=1e-2, binarize=False, **adam):
     torch.manual_seed(seed)
     model = FusedVAE(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr, **adam)
-    eng = TrainStep(model, opt, _data(), batch, binarize=binarize)
+    eng = TrainStep(model, opt, _data(), batch, binarize=binarize, seed=seed)
     assert eng._fused is not None
     return model, opt, eng
 
@@ -201,23 +203,23 @@ def test_fused_engine_is_bit_identical_across_runs():
         assert torch.equal(a, b)
 
 
-def test_fused_engine_binarizes_in_kernel_with_counter_keyed_noise():
-    model, _, eng = _fused_engine(CFG, batch=64, binarize=True)
-    eng.load_epoch(torch.arange(256))
-    data = _data()
-    seen = []
-    for step in range(2):
+def test_fused_engine_binarizes_in_kernel_by_the_row_rule():
+    """The first kernel binarizes the gathered uint8 rows exactly as ``fastvae.noise.binarize`` does for the
+    autograd step: keyed by (seed, salt, epoch * N + data index), whatever the batch or step."""
+    from fastvae.noise import binarize
+    from fastvae.schedules import TRAIN_BINARIZE_SALT, sample_ids
+
+    torch.manual_seed(0)
+    model = FusedVAE(CFG)
+    eng = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), _data(), 64, binarize=True, seed=7)
+    assert eng._fused is not None
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    eng.load_epoch(perm, epoch=5, first=1)
+    for step in (1, 2):
         eng.step()
-        x = eng._fused.buf.view("x", 50).clone()
-        seen.append(x)
-        assert set(x.unique().tolist()) <= {0.0, 1.0}
-        p = data.batch(torch.arange(step * 64, (step + 1) * 64))
-        n = p.numel()
-        assert abs(x.mean().item() - p.mean().item()) < 4 * (0.25 / n) ** 0.5  # E[x] = pixel intensity
-    model.rng_state[1] = 0  # same counter, same rows -> the same draw
-    eng.cursor.zero_()
-    eng.step()
-    assert torch.equal(eng._fused.buf.view("x", 50), seen[0])
+        idx = perm[step * 64 : (step + 1) * 64]
+        expected = binarize(_data().batch(idx), 7, TRAIN_BINARIZE_SALT, sample_ids(5, 256, idx))
+        assert torch.equal(eng._fused.buf.view("x", 50), expected)
 
 
 @pytest.mark.parametrize("cfg, limit", [(CFG, 6), (CFG2, 10)], ids=["1-layer", "2-layers"])
