@@ -31,7 +31,14 @@ import triton
 
 from fastvae.kernels.activations import ACT_CODES
 from fastvae.kernels.bernoulli_output import bernoulli_output_forward, finalize_loss
-from fastvae.kernels.heuristics import Tiles, dot_precision, latent_pad, layer_tiles, wgrad_tiles
+from fastvae.kernels.heuristics import (
+    Tiles,
+    dot_precision,
+    gather_tiles,
+    latent_pad,
+    layer_tiles,
+    wgrad_tiles,
+)
 from fastvae.kernels.latent import latent_backward
 from fastvae.kernels.linear_act import layer_backward_input, layer_forward
 from fastvae.kernels.weight_grad import AdamBuffers, GradGroup, grouped_weight_grads
@@ -178,9 +185,11 @@ def run_forward(
     for i in range(L):
         head = (weights[L], buf.head_partials) if i == L - 1 else None
         out = v(f"h{i}", plan.enc[i])
+        tiles = plan.latent_tiles(plan.enc[i]) if head else plan.tiles(plan.enc[i])
+        if i == 0 and gather is not None:
+            tiles = gather_tiles(tiles)
         layer_forward(
-            w=weights[i], b=biases[i], out=out, act=plan.act, precision=prec,
-            tiles=plan.latent_tiles(plan.enc[i]) if head else plan.tiles(plan.enc[i]),
+            w=weights[i], b=biases[i], out=out, act=plan.act, precision=prec, tiles=tiles,
             a=a if (i > 0 or gather is None) else None, gather=gather if i == 0 else None, head=head,
             step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset,
         )  # fmt: skip
