@@ -244,3 +244,32 @@ def test_engine_step_kernel_count_at_the_pytorch_example_preset():
         for dtype in ("fp32", "bf16"):
             _, launches = record_step(preset_name, 128, dtype)
             assert len(launches) <= limit, [ln.name for ln in launches]
+
+
+def test_fused_engine_resumes_from_the_optimizer_state_dict():
+    """Checkpoint round trip (model and optimizer state_dicts, as the trainer saves them) mid-epoch: the
+    resumed fused engine continues exactly as an uninterrupted one (moments, step count, noise counter)."""
+    import copy
+
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(4))
+    model, opt, eng = _fused_engine(CFG, binarize=True)
+    eng.load_epoch(perm)
+    for _ in range(2):
+        eng.step()
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), model.rng_state.clone())
+    for _ in range(2):
+        eng.step()
+    torch.manual_seed(9)
+    resumed = FusedVAE(CFG)
+    resumed.load_state_dict(saved[0])
+    resumed.rng_state.copy_(saved[2])
+    ropt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    ropt.load_state_dict(saved[1])
+    reng = TrainStep(resumed, ropt, _data(), 32, binarize=True)
+    assert reng._fused is not None
+    reng.load_epoch(perm, first=2)
+    for _ in range(2):
+        reng.step()
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert float(ropt.state_dict()["state"][0]["step"]) == 4.0
