@@ -19,6 +19,8 @@ cast to the activation dtype as it is loaded, and every dot accumulates in fp32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,44 @@ from fastvae.kernels.row_noise import row_uniform
 A_LOAD = 0
 A_GATHER = 1
 A_LATENT = 2
-UINT8_SCALE = tl.constexpr(255.0)  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
+UINT8_SCALE = tl.constexpr(255.0)
+
+
+@dataclass(frozen=True)
+class Gather:
+    """A_GATHER: the first layer's rows come from the resident uint8 data set."""
+
+    data: torch.Tensor  # (N, D) uint8
+    batches: torch.Tensor  # (steps, B) int64 data indices of the epoch's batches
+    cursor: torch.Tensor  # int64 [1] this step's batch
+    x_out: torch.Tensor  # (B, D) the gathered batch, compute dtype
+    binarize: tuple[torch.Tensor, int, int] | None = None  # (epoch_base int64 (), key_lo, key_hi) or None
+
+
+@dataclass(frozen=True)
+class LatentIn:
+    """A_LATENT: z is finished in the prologue from the head partials of the previous kernel."""
+
+    partials: torch.Tensor  # (T, B, 2 ZP) fp32 head partials
+    b_head: torch.Tensor  # (2Z,) head bias
+    eps: torch.Tensor | None  # (B, Z) fp32 caller noise, or None: drawn from rng
+    rng: torch.Tensor  # int64 [seed, counter]
+    mulv: torch.Tensor  # (B, 2Z) fp32 out
+    z: torch.Tensor  # (B, Z) out, compute dtype
+    kl: torch.Tensor  # (B,) fp32 out
+
+
+@dataclass(frozen=True)
+class LossFinalize:
+    """FINALIZE: sum the output kernel's BCE partials into the per-sample loss (+ beta KL)."""
+
+    rec_partials: torch.Tensor  # (T, B) fp32
+    kl: torch.Tensor  # (B,) fp32
+    beta: torch.Tensor  # () fp32
+    loss: torch.Tensor  # (B,) fp32 out
+    loss_acc: torch.Tensor | None = (
+        None  # (B,) fp32 device accumulator, += loss (ACCUMULATE)  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
+    )
 
 
 @triton.jit
@@ -222,8 +261,8 @@ def layer_forward(
     tiles: Tiles,
     precision: str,
     a: torch.Tensor | None = None,
-    gather: dict | None = None,
-    latent: dict | None = None,
+    gather: Gather | None = None,
+    latent: LatentIn | None = None,
     head: tuple[torch.Tensor, torch.Tensor] | None = None,
     step: torch.Tensor | None = None,
     zdim: int = 0,
@@ -231,33 +270,30 @@ def layer_forward(
 ) -> None:
     """out (M, N) = act(A (M, K) @ w (N, K)^T + b) with A from ``a``, ``gather`` or ``latent``.
 
-    ``gather``: dict(data, batches, cursor, x_out, binarize: None or (epoch_base, key_lo, key_hi)).
-    ``latent``: dict(partials, b_head, eps (None: drawn from rng), rng, mulv, z, kl).
-    ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)).
+    ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)); ``step``: the Adam step to advance.
     """
     m, n = out.shape
     k = w.shape[1]
     assert w.shape == (n, k) and b.shape == (n,), (w.shape, b.shape, out.shape)
     mode = A_LATENT if latent is not None else A_GATHER if gather is not None else A_LOAD
-    g, lat = gather or {}, latent or {}
-    binarize = gather is not None and gather.get("binarize") is not None
-    epoch_base, key_lo, key_hi = g["binarize"] if binarize else (None, 0, 0)
-    use_rng = latent is not None and lat["eps"] is None
+    binarize = gather is not None and gather.binarize is not None
+    epoch_base, key_lo, key_hi = gather.binarize if binarize else (None, 0, 0)
+    use_rng = latent is not None and latent.eps is None
+    g = gather if gather is not None else Gather(*(None,) * 4)
+    lat = latent if latent is not None else LatentIn(*(None,) * 7)
     if head is not None:
         assert head[1].shape[0] == triton.cdiv(n, tiles.cols), (head[1].shape, n, tiles)
     # grid: one program per (row block, output-feature tile)
     grid = (triton.cdiv(m, tiles.rows), triton.cdiv(n, tiles.cols))
     launch(
         _layer_fwd_kernel, grid,
-        a_ptr=a, data_ptr=g.get("data"), batches_ptr=g.get("batches"), cursor_ptr=g.get("cursor"),
-        epoch_base_ptr=epoch_base,
-        x_out_ptr=g.get("x_out"), hp_ptr=lat.get("partials"), bh_ptr=lat.get("b_head"), eps_ptr=lat.get("eps"),
-        rng_ptr=lat.get("rng") if use_rng else None, mulv_ptr=lat.get("mulv"),
-        z_ptr=lat.get("z"), kl_ptr=lat.get("kl"), w_ptr=w, b_ptr=b, y_ptr=out,
-        whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
-        M=m, N=n, K=k, Z=zdim, T_in=lat["partials"].shape[0] if latent else 0, row_offset=row_offset,
-        key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None, BUMP_STEP=step is not None,
-        ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
+        a_ptr=a, data_ptr=g.data, batches_ptr=g.batches, cursor_ptr=g.cursor, epoch_base_ptr=epoch_base,
+        x_out_ptr=g.x_out, hp_ptr=lat.partials, bh_ptr=lat.b_head, eps_ptr=lat.eps,
+        rng_ptr=lat.rng if use_rng else None, mulv_ptr=lat.mulv, z_ptr=lat.z, kl_ptr=lat.kl, w_ptr=w, b_ptr=b,
+        y_ptr=out, whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
+        M=m, N=n, K=k, Z=zdim, T_in=latent.partials.shape[0] if latent else 0, row_offset=row_offset,
+        key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None,
+        BUMP_STEP=step is not None, ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
         BLOCK_K=latent_pad(k) if latent is not None else tiles.red, ZP=latent_pad(max(zdim, 1)),
         num_warps=tiles.warps,
     )  # fmt: skip
@@ -274,17 +310,16 @@ def layer_backward_input(
     precision: str,
     row_scale: torch.Tensor | None = None,
     dz: tuple[torch.Tensor, torch.Tensor] | None = None,
-    finalize: dict | None = None,
+    finalize: LossFinalize | None = None,
 ) -> None:
     """out (M, K) = ((row_scale * dy) (M, N) @ w (N, K)) * act'(h).
 
     ``dz``: (w_dec0 (K, Z), partials out (tiles over K, M, ZP)).
-    ``finalize``: dict(rec_partials (T, M), kl, beta, loss, loss_acc (None: no accumulation)).
     """
     m, n = dy.shape
     k = w.shape[1]
     assert w.shape == (n, k) and out.shape == (m, k)
-    fin = finalize or {}
+    fin = finalize if finalize is not None else LossFinalize(*(None,) * 4)
     zdim = dz[0].shape[1] if dz is not None else 0
     if dz is not None:
         assert dz[1].shape[0] == triton.cdiv(k, tiles.cols)
@@ -294,10 +329,9 @@ def layer_backward_input(
         _layer_bwd_kernel, grid,
         dy_ptr=dy, s_ptr=row_scale, s_stride=row_scale.stride(0) if row_scale is not None else 0, w_ptr=w,
         h_ptr=h if act != 0 else None, dx_ptr=out, wz_ptr=dz[0] if dz else None, dzp_ptr=dz[1] if dz else None,
-        rp_ptr=fin.get("rec_partials"), kl_ptr=fin.get("kl"), beta_ptr=fin.get("beta"), loss_ptr=fin.get("loss"),
-        loss_acc_ptr=fin.get("loss_acc"), M=m, N=n, K=k, Z=zdim,
-        T_rec=fin["rec_partials"].shape[0] if finalize else 0,
+        rp_ptr=fin.rec_partials, kl_ptr=fin.kl, beta_ptr=fin.beta, loss_ptr=fin.loss, loss_acc_ptr=fin.loss_acc,
+        M=m, N=n, K=k, Z=zdim, T_rec=fin.rec_partials.shape[0] if finalize else 0,
         ACT=act, ROW_SCALE=row_scale is not None, DZ=dz is not None, FINALIZE=finalize is not None,
-        ACCUMULATE=fin.get("loss_acc") is not None, PRECISION=precision, BLOCK_M=tiles.rows,
+        ACCUMULATE=fin.loss_acc is not None, PRECISION=precision, BLOCK_M=tiles.rows,
         BLOCK_N=tiles.red, BLOCK_K=tiles.cols, ZP=latent_pad(max(zdim, 1)), num_warps=tiles.warps,
     )  # fmt: skip

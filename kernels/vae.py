@@ -40,7 +40,7 @@ from fastvae.kernels.heuristics import (
     wgrad_tiles,
 )
 from fastvae.kernels.latent import latent_backward
-from fastvae.kernels.linear_act import layer_backward_input, layer_forward
+from fastvae.kernels.linear_act import Gather, LatentIn, LossFinalize, layer_backward_input, layer_forward
 from fastvae.kernels.weight_grad import AdamBuffers, GradGroup, grouped_weight_grads
 
 
@@ -172,15 +172,17 @@ def run_forward(
     eps: torch.Tensor | None,
     rng_state: torch.Tensor,
     row_offset: int = 0,
-    gather: dict | None = None,
+    source: tuple | None = None,
     step: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward launches (2L + 1); returns the x the output kernel compared against (in the workspace when
-    ``gather`` is given, else ``x``)."""
+    """Forward launches (2L + 1); returns the x the output kernel compared against. ``source``: (data,
+    batches, cursor, binarize) to gather the batch into the workspace (the engine), else ``x`` is read."""
     L, v, prec = len(plan.enc), buf.view, dot_precision(plan.dtype)
-    if gather is not None:
-        gather = {**gather, "x_out": v("x", plan.d)}
-        x = gather["x_out"]
+    gather = None
+    if source is not None:
+        data, batches, cursor, binarize = source
+        x = v("x", plan.d)
+        gather = Gather(data, batches, cursor, x, binarize)
     a = x
     for i in range(L):
         head = (weights[L], buf.head_partials) if i == L - 1 else None
@@ -194,8 +196,7 @@ def run_forward(
             step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset,
         )  # fmt: skip
         a = out
-    latent = dict(partials=buf.head_partials, b_head=biases[L], eps=eps, rng=rng_state, mulv=buf.mulv,
-                  z=v("z", plan.z), kl=buf.kl)  # fmt: skip
+    latent = LatentIn(buf.head_partials, biases[L], eps, rng_state, buf.mulv, v("z", plan.z), buf.kl)
     for i in range(L):
         out = v(f"hd{i}", plan.dec[i])
         layer_forward(
@@ -221,7 +222,7 @@ def run_backward(
     grad_out: torch.Tensor,
     beta: torch.Tensor,
     row_offset: int = 0,
-    finalize: dict | None = None,
+    finalize: LossFinalize | None = None,
     grad_flat: torch.Tensor | None = None,
     adam: AdamBuffers | None = None,
     advance: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -348,10 +349,9 @@ class EngineStep:
 
     def __call__(self) -> None:
         plan, buf = self.plan, self.buf
-        gather = dict(data=self.data, batches=self.batches, cursor=self.cursor, binarize=self.binarize)
+        source = (self.data, self.batches, self.cursor, self.binarize)
         run_forward(plan, buf, self.weights, self.biases, x=None, eps=None, rng_state=self.rng_state,
-                    gather=gather, step=self.adam.step)  # fmt: skip
-        finalize = dict(rec_partials=buf.rec_partials, kl=buf.kl, beta=self.beta, loss=buf.loss,
-                        loss_acc=self.loss_acc)  # fmt: skip
+                    source=source, step=self.adam.step)  # fmt: skip
+        finalize = LossFinalize(buf.rec_partials, buf.kl, self.beta, buf.loss, self.loss_acc)
         run_backward(plan, buf, self.weights, x=None, eps=None, rng_used=self.rng_state, grad_out=self.grad_weight,
                      beta=self.beta, finalize=finalize, grad_flat=self.grad, adam=self.adam, advance=(self.cursor, self.rng_state))  # fmt: skip

@@ -273,3 +273,24 @@ def test_fused_engine_resumes_from_the_optimizer_state_dict():
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert float(ropt.state_dict()["state"][0]["step"]) == 4.0
+
+
+def test_fused_model_with_another_optimizer_takes_the_autograd_step():
+    """FusedVAE stays an ordinary nn.Module: with SGD the engine runs the autograd step (the same kernels
+    under autograd, eps drawn in-kernel, then SGD) and matches ReferenceVAE under SGD with that eps."""
+    from fastvae.kernels.latent import draw_eps
+
+    torch.manual_seed(0)
+    model = FusedVAE(CFG)
+    ref = ReferenceVAE(CFG)
+    ref.load_state_dict(model.state_dict())
+    eng = TrainStep(model, torch.optim.SGD(model.parameters(), lr=1e-2), _data(), 32)
+    assert eng._fused is None
+    eng.load_epoch(torch.arange(256))
+    eps = draw_eps(model.rng_state.clone(), 32, CFG.latent_dim)
+    eng.step()
+    opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
+    ref.negative_elbo(_data().batch(torch.arange(32)), eps).mean().backward()
+    opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
