@@ -9,11 +9,18 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fastvae.config import MAX_SEED
+
 EXIT_USAGE = 2
+MAX_IMAGES = 100_000  # samples or interpolation steps drawn into one PNG
+MAX_GRID_SIDE = 1_000  # manifold grid side: a million decoded points
+MAX_IW = 1_000_000  # importance samples per data point (the IWAE paper's NLL uses 5,000)
+MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,35 +32,40 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
-def _fail(message: str) -> int:
-    print(f"fastvae: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    """Print one error line (from rank 0 alone under torchrun, so a bad flag is reported once)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastvae: error: {message}", file=sys.stderr)
+    return code
 
 
 # ---- typed flag values ------------------------------------------------------------------------------
-def _int_at_least(lo: int) -> Callable[[str], int]:
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    want = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi:,}"
+
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r:.40}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r:.40}")
         return v
 
     parse.__name__ = f"integer >= {lo}"
     return parse
 
 
-def _float_range(lo: float, lo_open: bool = False) -> Callable[[str], float]:
+def _float_range(lo: float, lo_open: bool = False, hi: float | None = None) -> Callable[[str], float]:
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r:.40}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            upper = "" if hi is None else f" and <= {hi:g}"
             raise argparse.ArgumentTypeError(
-                f"expected a finite number {'>' if lo_open else '>='} {lo:g}, got {s!r}"
+                f"expected a finite number {'>' if lo_open else '>='} {lo:g}{upper}, got {s!r:.40}"
             )
         return v
 
@@ -105,36 +117,42 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "test_kl": stats.kl,
         "active_units": stats.active_units,
     }
+    if not a.json:  # the -ELBO takes seconds; print it before the IW bound's minutes
+        beta = run.config.beta
+        objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
+        print(
+            f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}"
+            f"{objective}; {stats.n} samples, {stats.active_units} active units)",
+            flush=True,
+        )
     if a.iw > 0:
         result["iw_k"] = a.iw
         result["iw_nll"] = importance_weighted_nll(run.model, run.test, a.iw, seed=run.seed, binarize=run.binarized,
                                                    limit=a.limit, progress=not a.json)  # fmt: skip
     if a.json:
         print(json.dumps(result))
-        return 0
-    beta = run.config.beta
-    objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
-    print(
-        f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}{objective}; "
-        f"{stats.n} samples, {stats.active_units} active units)"
-    )
-    if a.iw > 0:
+    elif a.iw > 0:
         print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
     return 0
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from fastvae.backends import resolve_device
     from fastvae.images import save_grid
+    from fastvae.limits import check_fits
     from fastvae.runs import load_model
 
     device = resolve_device(a.device)
     model = load_model(a.run, device)
+    check_fits(8 * a.n * model.config.flat_dim, f"{a.n:,} samples", "draw fewer with -n", device)
     g = torch.Generator(device=device)
     g.manual_seed(a.seed)
     x = model.sample(a.n, generator=g, temperature=a.temperature).float().cpu().numpy()
+    if not np.isfinite(x).all():
+        raise_error(f"temperature {a.temperature:g} gives non-finite samples; use a smaller --temperature")
     _check_out(a.out)
     save_grid(x, model.config.data_shape, a.out, ncol=a.ncol or math.ceil(math.sqrt(a.n)))
     print(f"wrote {a.n} samples to {a.out}")
@@ -186,16 +204,19 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
 
 def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
+    from fastvae.limits import check_fits
     from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
 
     run = _load_run(a)
     config = run.config
     _check_out(a.out)
-    dims = (
-        (0, 1)
-        if config.latent_dim == 2
-        else tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
+    check_fits(
+        8 * a.n * a.n * config.flat_dim, f"a {a.n}x{a.n} manifold", "use a smaller -n", run.test.x.device
     )
+    if config.latent_dim == 2:
+        dims = (0, 1)
+    else:
+        dims = tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
     images, _ = manifold(run.model, a.n, dims)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
     other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
@@ -232,9 +253,8 @@ def cmd_score(a: argparse.Namespace) -> int:
     _check_out(a.out)
     nelbo, iw = anomaly_scores(run.model, x, a.iw)
     write_scores_csv(a.out, nelbo, iw, a.iw)
-    print(
-        f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
-    )
+    iw_part = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else ""
+    print(f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats{iw_part}")
     if a.plot:
         _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
@@ -261,9 +281,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _check_out(path: str) -> None:
-    parent = Path(path).resolve().parent
+    """An output file path that can be written: not a folder, in an existing writable folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise_error(f"{path}: is a directory; give a file name")
+    parent = target.resolve().parent
     if not parent.is_dir():
         raise_error(f"{path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise_error(f"{path}: the folder {parent} is not writable")
 
 
 def raise_error(message: str) -> None:
@@ -300,7 +326,7 @@ def _add_train(sub) -> None:
     opt("--batch-size", type=_int_at_least(1), help="global batch (default: the preset's)")
     opt("--lr", type=_float_range(0.0, lo_open=True))
     opt("--lr-schedule", choices=LR_SCHEDULES)
-    opt("--seed", type=_int_at_least(0))
+    opt("--seed", type=_int_at_least(0, MAX_SEED))
     opt("--device", help="auto | cpu | cuda")
     opt("--backend", choices=BACKENDS)
     opt("--out", help="run directory (default runs/<preset>-<time>)")
@@ -352,11 +378,11 @@ def _add_toolkit(sub) -> None:
                     cmd_interpolate)  # fmt: skip
     i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
-    i.add_argument("--steps", type=_int_at_least(2), default=10)
+    i.add_argument("--steps", type=_int_at_least(2, MAX_IMAGES), default=10)
 
     m = run_command("manifold", "decode a grid over the latent space (2-D, or the 2 most active dims)",
                     "manifold.png", cmd_manifold)  # fmt: skip
-    m.add_argument("-n", type=_int_at_least(2), default=20, help="grid side")
+    m.add_argument("-n", type=_int_at_least(2, MAX_GRID_SIDE), default=20, help="grid side")
 
     lt = run_command(
         "latents", "scatter of test posterior means coloured by label", "latents.png", cmd_latents
@@ -367,7 +393,9 @@ def _add_toolkit(sub) -> None:
     sc.add_argument(
         "--data", required=True, help=".npy/.npz of samples to score, or 'mnist' (its test split)"
     )
-    sc.add_argument("--iw", type=_int_at_least(0), default=100, help="importance samples (0: -ELBO only)")
+    sc.add_argument(
+        "--iw", type=_int_at_least(0, MAX_IW), default=100, help="importance samples (0: -ELBO only)"
+    )
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
 
@@ -378,7 +406,7 @@ def _add_run_commands(sub) -> None:
 
     e = sub.add_parser("eval", help="test -ELBO and importance-weighted NLL of a run")
     e.add_argument("run", help="run directory")
-    e.add_argument("--iw", type=_int_at_least(0), default=5000, help="importance samples (0: skip)")
+    e.add_argument("--iw", type=_int_at_least(0, MAX_IW), default=5000, help="importance samples (0: skip)")
     e.add_argument("--limit", type=_int_at_least(1), default=None, help="first N test samples")
     e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
     e.add_argument("--device", default="auto")
@@ -387,9 +415,10 @@ def _add_run_commands(sub) -> None:
 
     s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
     s.add_argument("run", help="run directory")
-    s.add_argument("-n", type=_int_at_least(1), default=64)
-    s.add_argument("--seed", type=_int_at_least(0), default=0)
-    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True), default=1.0, help="scale of z")
+    s.add_argument("-n", type=_int_at_least(1, MAX_IMAGES), default=64)
+    s.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
+    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True, hi=MAX_TEMPERATURE), default=1.0,
+                   help="scale of z")  # fmt: skip
     s.add_argument("--ncol", type=_int_at_least(1), default=None)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="PNG file")
@@ -419,15 +448,36 @@ def _add_run_commands(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from fastvae.errors import FastVAEError
-
+    """Run one command: every failure the user can cause ends in one ``fastvae: error:`` line and exit
+    status 2 (130 for Ctrl-C, 128 + signal for a preemption that saved a checkpoint)."""
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a bad flag already reported in one line
+            return done.code if isinstance(done.code, int) else 0
         return args.func(args)
-    except FastVAEError as exc:
-        return _fail(str(exc))
     except KeyboardInterrupt:
-        return _fail("interrupted")
-    except MemoryError:
-        return _fail("out of memory; try a smaller --batch-size or --limit")
+        return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001: sorted into user errors below, the rest re-raised
+        return _fail_for(exc)
+
+
+def _fail_for(exc: Exception) -> int:
+    """One line for the failures bad input, full disks and small machines cause; a bug keeps its traceback."""
+    from fastvae.errors import FastVAEError, Preempted
+
+    if isinstance(exc, Preempted):
+        return _fail(str(exc), exc.exit_code)
+    if isinstance(exc, FastVAEError):
+        return _fail(str(exc))
+    if isinstance(exc, MemoryError) or _is_out_of_memory(exc):
+        return _fail("out of memory; try a smaller --batch-size, model, -n or --limit")
+    if isinstance(exc, OSError):  # disk full, read-only file system, permissions, a path under a file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    raise exc
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

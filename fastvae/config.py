@@ -16,6 +16,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("fp32", "tf32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the noise keys mix 63
 
 
 @dataclass
@@ -81,6 +82,19 @@ class VAEConfig:
     def flat_dim(self) -> int:
         """D, the number of input features after flattening."""
         return math.prod(self.data_shape)
+
+    @property
+    def n_parameters(self) -> int:
+        """Parameters of the MLP VAE this config describes (computed, nothing allocated)."""
+        enc = (self.flat_dim, *self.hidden_dims)
+        dec = (self.latent_dim, *reversed(self.hidden_dims), self.flat_dim)
+        layers = [
+            *zip(enc[:-1], enc[1:]),
+            (self.hidden_dims[-1], 2 * self.latent_dim),
+            *zip(dec[:-1], dec[1:]),
+        ]
+        gaussian = self.flat_dim if self.likelihood == "gaussian" else 0
+        return sum(a * b + b for a, b in layers) + gaussian
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -182,7 +196,7 @@ class TrainConfig:
             self.binarize = defaults.get("binarize", False)
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         _check_int("kl_warmup_steps", self.kl_warmup_steps, 0)
         _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
@@ -205,7 +219,30 @@ class TrainConfig:
             raise FastVAEError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise FastVAEError("--resume and --overwrite exclude each other")
+        for name in ("binarize", "resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise FastVAEError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("engine", "cuda_graph"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise FastVAEError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
+        for name in ("preset", "data", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise FastVAEError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.out is not None and not isinstance(self.out, str):
+            raise FastVAEError(f"out must be a path string, got {self.out!r}")
         self.model_config()  # validates the overrides
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A TrainConfig from a run's recorded ``train`` section (unknown keys and wrong types refused)."""
+        if not isinstance(d, dict):
+            raise FastVAEError(f"a training config must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise FastVAEError(f"unknown training config key(s): {', '.join(unknown)}")
+        if not isinstance(d.get("extra", {}), dict):
+            raise FastVAEError("extra must be an object")
+        return cls(**d)
 
     def model_config(self, data_shape: tuple[int, ...] | None = None) -> VAEConfig:
         changes = {
@@ -228,6 +265,7 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_int(name: str, v: object, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise FastVAEError(f"{name} must be an integer >= {lo}, got {v!r}")
+def _check_int(name: str, v: object, lo: int, hi: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise FastVAEError(f"{name} must be an integer {bound}, got {v!r:.40}")
