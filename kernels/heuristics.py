@@ -77,9 +77,10 @@ def layer_tiles(batch: int, width: int, dtype: torch.dtype) -> Tiles:
 
     Small batches: 16-row blocks and the widest feature tile that still gives >= MIN_CTAS_LARGE_GEMM
     programs. B = 128 has 8 row blocks, so a 784-wide layer takes 64-column tiles (8 x 13 = 104 CTAs) and a
-    400-wide one 32-column tiles (8 x 13 = 104). Large batches: 64 x 64 tiles, each weight tile streamed
-    from L2 serving 64 rows (fp32: 104-128 registers, no spills in the report; bf16 the same tile uses
-    mma.sync on tensor cores).
+    400-wide one 32-column tiles (8 x 13 = 104), 4 warps (48-72 registers in fp32, report). Larger batches:
+    32 (<= 4096 rows) or 64 rows per block with 64-column tiles and 8 warps, so that each weight tile streamed
+    from L2 serves more rows; with 4 warps the 64 x 64 fp32 tiles used 255 registers and spilled (report,
+    sm_90, compiled, not timed).
     """
     if batch <= 512:
         rows = 16
