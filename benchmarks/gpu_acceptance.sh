@@ -14,6 +14,8 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 
 case "${1:-tests}" in
 tests)
+    # the compiled resource table (registers, spills, CTAs, dot instruction) next to the timings it explains
+    python3 -m fastvae.kernels.resources --matrix --json "$OUT/resources.json" >"$OUT/resources.txt" 2>&1
     python3 -m pytest -q tests/test_kernels.py tests/test_engine.py -rs 2>&1 | tee "$OUT/pytest-gpu.log"
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
