@@ -219,11 +219,11 @@ class TrainStep:
 
 
 def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData, free_bits: float) -> bool:
-    """Can the step run as the fused kernel sequence (EngineStep)? FusedVAE with a Bernoulli likelihood and no
-    free bits, plain Adam over exactly its parameters in one group, uint8 resident data."""
+    """Can the step run as the fused kernel sequence (EngineStep)? A FusedVAE (not an autoencoder) with a
+    Bernoulli likelihood and no free bits, plain Adam over exactly its parameters in one group, uint8 resident data."""
     if not isinstance(model, FusedVAE) or model.config.likelihood != "bernoulli" or not data.scaled:
         return False
-    if free_bits > 0:
+    if free_bits > 0 or model.config.is_ae:  # the fused step draws eps in-kernel; the AE has none
         return False
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
         return False
