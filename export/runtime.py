@@ -60,8 +60,8 @@ class OnnxPart:
         path = Path(path)
         if not path.is_file():
             raise FastVAEError(f"{path}: no such model file")
-        if threads is not None and threads < 1:
-            raise FastVAEError(f"threads must be >= 1, got {threads}")
+        if threads is not None and not 1 <= threads <= MAX_THREADS:
+            raise FastVAEError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
@@ -136,6 +136,7 @@ class OnnxPart:
         return x
 
 
+MAX_THREADS = 1024
 MAX_WIDTH = 1 << 26  # features or latents per sample: 64 M, beyond any model worth exporting
 
 

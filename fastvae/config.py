@@ -19,6 +19,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # "vae": the variational autoencoder. "ae": a deterministic autoencoder with the same networks (z = mu(x),
 # no noise, no KL), the baseline the VAE is taught against.
 MODELS = ("vae", "ae")
+# Bound of lr, beta and free bits: they become float32 device values (1e308 overflowed there); any
+# meaningful setting is far below.
+MAX_WEIGHT = 1e6
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the noise keys mix 63
 
 
@@ -75,8 +78,8 @@ class VAEConfig:
             or not math.isfinite(self.beta)
         ):
             raise FastVAEError(f"beta must be a finite number >= 0, got {self.beta!r}")
-        if self.beta < 0:
-            raise FastVAEError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if not 0 <= self.beta <= MAX_WEIGHT:
+            raise FastVAEError(f"beta must be a number in 0..{MAX_WEIGHT:g}, got {self.beta!r}")
         self.beta = float(self.beta)
         if self.model not in MODELS:
             raise FastVAEError(f"model must be one of {MODELS}, got {self.model!r}")
@@ -223,10 +226,12 @@ class TrainConfig:
             raise FastVAEError(f"time_limit must be a number of seconds > 0, got {self.time_limit!r}")
         if self.checkpoint_every is not None:
             _check_int("checkpoint_every", self.checkpoint_every, 1)
-        if not _finite(self.lr) or self.lr <= 0:
-            raise FastVAEError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not _finite(self.free_bits) or self.free_bits < 0:
-            raise FastVAEError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
+        if not _finite(self.lr) or not 0 < self.lr <= MAX_WEIGHT:
+            raise FastVAEError(f"lr must be a number in (0, {MAX_WEIGHT:g}], got {self.lr!r}")
+        if not _finite(self.free_bits) or not 0 <= self.free_bits <= MAX_WEIGHT:
+            raise FastVAEError(
+                f"free_bits must be a number of nats in 0..{MAX_WEIGHT:g}, got {self.free_bits!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise FastVAEError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.backend not in BACKENDS:

@@ -442,3 +442,18 @@ def test_sampler_npy_writes_the_name_it_reports(decoder_onnx, tmp_path, capsys):
     target = tmp_path / "samples"  # no .npy suffix: np.save alone would write samples.npy
     assert sample_main([str(decoder_onnx), "-n", "5", "--npy", str(target)]) == 0
     assert str(target) in capsys.readouterr().out and np.load(target).shape == (5, 64)
+
+
+@pytest.mark.parametrize("flag", ["--free-bits", "--beta", "--lr"])
+@pytest.mark.parametrize("value", ["1e308", "1e39", "3.5e38"])
+def test_weights_past_float32_give_one_line(tiny_npz, tmp_path, capsys, flag, value):
+    """Found by tests/probe_cli.py: --free-bits 1e308 overflowed when made a float32 device value."""
+    one_line_exit_2(capsys, ["train", "--data", tiny_npz, "--out", tmp_path / "r", "--device", "cpu", "--quiet",
+                             "--max-steps", "1", flag, value])  # fmt: skip
+
+
+def test_sampler_threads_past_any_machine(decoder_onnx):
+    from fastvae.export import Sampler
+
+    with pytest.raises(FastVAEError, match="threads"):
+        Sampler(decoder_onnx, threads=10**13)
