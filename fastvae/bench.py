@@ -331,6 +331,8 @@ def run_bench(
 
 
 def main_args(a) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
     run_bench(a.device, full=a.full, out=a.out, print_fn=lambda s: print(s, file=sys.stdout, flush=True),
               presets=_tuple(a.presets), batch_sizes=_tuple(a.batch_sizes), dtypes=_tuple(a.dtypes),
               steps=a.steps, warmup=a.warmup, rounds=a.rounds, epoch=False if a.no_epoch else None)  # fmt: skip

@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--warmup", type=_int_at_least(0), default=None)
     b.add_argument("--rounds", type=_int_at_least(1), default=None, help="interleaved timing rounds (5)")
+    b.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default torch's; recorded either way)")  # fmt: skip
     b.add_argument("--no-epoch", action="store_true", help="skip the full-MNIST-epoch timing")
     b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
     b.set_defaults(func=cmd_bench)
