@@ -173,6 +173,7 @@ def _build(name: str, cfg: VAEConfig, data: DeviceData, x: torch.Tensor, batch: 
         entry["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev) - base[0] - c.extra_bytes
         entry["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev) - base[1] - c.extra_bytes
     entry["optimizer"] = c.optimizer
+    entry.update(c.notes)
     return c, entry, warm
 
 

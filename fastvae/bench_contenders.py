@@ -133,7 +133,9 @@ def make_contender(
         step = _graph_step(ws)
     else:
         step = _compiled_step(ws)
-    return Contender(name, step, ws.read_loss, ws.steps_per_epoch, f"Adam ({opt_kind})")
+    notes = {"dynamo": "torch.compile defaults; Tensor.backward() is not traced (trace_autograd_ops=False)"}
+    return Contender(name, step, ws.read_loss, ws.steps_per_epoch, f"Adam ({opt_kind})",
+                     notes=notes if name == "compile" else {})  # fmt: skip
 
 
 def _graph_step(ws: WholeStep) -> Callable[[], None]:
