@@ -15,6 +15,7 @@ than 1 nat is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 
 import fastvae
-from fastvae.checkpoint import load_model, read_run_config
 from fastvae.errors import FastVAEError
+from fastvae.runs import load_model, load_run, read_run_config
 
 OPSET = 18
 CHECK_BATCHES = (1, 7, 1024)
@@ -72,7 +73,7 @@ def export_decoder(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8: 
         "likelihood": config.likelihood,
         "preset": config.preset or "custom",
         "config": json.dumps(config.to_dict(), sort_keys=True),
-        "test_elbo": _fmt(doc.get("final_test_loss")),
+        "test_elbo": _fmt(doc.get("final_test_neg_elbo")),
         "quantization": "none",
     }
     tmp = out.with_name(f".{out.name}.tmp")
@@ -149,16 +150,18 @@ def _set_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _decoder_elbo(probs_fn, model, x: np.ndarray, eps: np.ndarray) -> float:
-    """Mean test -ELBO with the decoder given as a function z -> probabilities (clipped), encoder in torch."""
+def _decoder_elbo(probs_fn, model, x: torch.Tensor, eps: torch.Tensor) -> float:
+    """Mean -ELBO of ``model`` (its own objective) with the decoder swapped for ``probs_fn``, a function
+    z -> probabilities (numpy), read as the logits of those probabilities clipped to [1e-7, 1 - 1e-7]."""
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        p = torch.from_numpy(probs_fn(z.float().numpy())).double().clamp(PROB_CLIP, 1 - PROB_CLIP)
+        return torch.log(p) - torch.log1p(-p)
+
+    swapped = copy.deepcopy(model).double()  # the encoder in float64; only ``decode`` differs
+    swapped.decode = decode
     with torch.inference_mode():
-        xt = torch.from_numpy(x)
-        mu, logvar = model.encode(xt)
-        z = (mu + torch.exp(0.5 * logvar) * torch.from_numpy(eps)).numpy()
-        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(-1).numpy().astype(np.float64)
-    p = np.clip(probs_fn(z).astype(np.float64), PROB_CLIP, 1 - PROB_CLIP)
-    rec = -(x * np.log(p) + (1 - x) * np.log1p(-p)).sum(-1)
-    return float((rec + model.config.beta * kl).mean())
+        return float(swapped.objective(x.double(), eps.double(), beta=1.0).neg_elbo.mean())
 
 
 def _quantize(path: Path, model, run_dir, config, doc) -> dict[str, str]:
@@ -189,8 +192,8 @@ def _quantize(path: Path, model, run_dir, config, doc) -> dict[str, str]:
         z = np.random.default_rng(0).standard_normal((1024, config.latent_dim)).astype(np.float32)
         err = np.abs(run8(z) - run32(z))
         max_err, mean_err = float(err.max()), float(err.mean())
-        x = _test_images(doc, config)
-        eps = np.random.default_rng(1).standard_normal((len(x), config.latent_dim)).astype(np.float32)
+        x = load_run(run_dir, "cpu").test_images(0, INT8_EVAL_SAMPLES)  # as the run evaluates them
+        eps = torch.from_numpy(np.random.default_rng(1).standard_normal((len(x), config.latent_dim)))
         elbo32 = _decoder_elbo(run32, model, x, eps)
         elbo8 = _decoder_elbo(run8, model, x, eps)
         change = elbo8 - elbo32
@@ -207,14 +210,3 @@ def _quantize(path: Path, model, run_dir, config, doc) -> dict[str, str]:
         "int8_test_elbo_change": f"{change:.6f}",
         "int8_eval_samples": str(len(x)),
     }
-
-
-def _test_images(doc: dict, config) -> np.ndarray:
-    from fastvae.data import load_dataset, unit_float
-
-    train = doc.get("train", {})
-    data = load_dataset(train.get("data", "mnist"), config.likelihood)
-    x = unit_float(data.x_test[:INT8_EVAL_SAMPLES])
-    if train.get("binarize"):
-        x = (np.random.default_rng(2).random(x.shape) < x).astype(np.float32)
-    return x

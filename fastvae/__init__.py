@@ -19,9 +19,9 @@ _LAZY = {
     "FastVAEError": "fastvae.errors",
     "ReferenceVAE": "fastvae.model",
     "FusedVAE": "fastvae.fused",
-    "TrainConfig": "fastvae.trainer",
+    "TrainConfig": "fastvae.config",
     "train": "fastvae.trainer",
-    "load_model": "fastvae.checkpoint",
+    "load_model": "fastvae.runs",
     "load_dataset": "fastvae.data",
     "elbo_stats": "fastvae.evaluate",
     "importance_weighted_nll": "fastvae.evaluate",
@@ -43,11 +43,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fastvae.checkpoint import load_model
-    from fastvae.config import PRESETS, VAEConfig, preset
+    from fastvae.config import PRESETS, TrainConfig, VAEConfig, preset
     from fastvae.data import load_dataset
     from fastvae.errors import FastVAEError
     from fastvae.evaluate import elbo_stats, importance_weighted_nll
     from fastvae.fused import FusedVAE
     from fastvae.model import ReferenceVAE
-    from fastvae.trainer import TrainConfig, train
+    from fastvae.runs import load_model
+    from fastvae.trainer import train

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from fastvae.config import VAEConfig
+from fastvae.config import BACKENDS, VAEConfig
 from fastvae.errors import FastVAEError
+from fastvae.fused import FusedVAE, kernels_can_run, triton_available
 from fastvae.model import ReferenceVAE
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def kernels_can_run(device: torch.device) -> bool:
-    """True where the Triton kernels can run: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
-    if not triton_available():
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -47,8 +29,6 @@ def make_model(
 ) -> torch.nn.Module:
     device = torch.device("cpu") if device is None else device
     if resolve_backend(backend, device) == "triton":
-        from fastvae.fused import FusedVAE
-
         return FusedVAE(config).to(device)
     return ReferenceVAE(config).to(device)
 

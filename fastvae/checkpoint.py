@@ -28,7 +28,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from fastvae.config import VAEConfig
 from fastvae.errors import FastVAEError
 
 CONFIG_FILE = "config.json"
@@ -126,36 +125,7 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     module.load_state_dict(tensors)
 
 
-# ---- run directory --------------------------------------------------------------------------------
-def read_run_config(run_dir: str | os.PathLike) -> tuple[VAEConfig, dict[str, Any]]:
-    """(model config, the whole config.json) of a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FastVAEError(f"{run_dir}: no such run directory")
-    doc = read_json(run_dir / CONFIG_FILE, "run config")
-    if not isinstance(doc, dict) or "model" not in doc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: not a fastvae run config (no 'model' section)")
-    try:
-        return VAEConfig.from_dict(doc["model"]), doc
-    except TypeError as exc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: bad model config ({exc})") from None
-    except FastVAEError as exc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: {exc}") from None
-
-
-def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch"):
-    """Rebuild the trained model of a run directory (weights checked against the recorded checksum)."""
-    from fastvae.backends import make_model
-
-    run_dir = Path(run_dir)
-    config, doc = read_run_config(run_dir)
-    model = make_model(config, backend=backend, device=torch.device(device))
-    tensors = load_tensors(run_dir / WEIGHTS_FILE, doc.get("weights_sha256"))
-    load_state_into(model, tensors, run_dir / WEIGHTS_FILE)
-    model.to(device).eval()
-    return model
-
-
+# ---- run directory ----------------------------------------------------------------------------------
 def write_weights(run_dir: Path, model: torch.nn.Module, doc: dict[str, Any]) -> None:
     """Write model.safetensors, then config.json with its checksum (the order keeps them consistent)."""
     data = tensors_to_bytes(model.state_dict())
@@ -239,3 +209,18 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     model_t = load_tensors(ckpt / WEIGHTS_FILE, sums.get(WEIGHTS_FILE))
     opt_t = load_tensors(ckpt / "optimizer.safetensors", sums.get("optimizer.safetensors"))
     return model_t, optimizer_from_tensors(opt_t, state["optimizer"]), state
+
+
+def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load the newest checkpoint that verifies; older ones are tried if the newest is broken."""
+    errors = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            model_t, opt_sd, state = load_checkpoint(path)
+            load_state_into(model, model_t, path / WEIGHTS_FILE)
+            opt.load_state_dict(opt_sd)
+            return state
+        except FastVAEError as exc:
+            errors.append(str(exc))
+    detail = f" ({errors[0]})" if errors else ""
+    raise FastVAEError(f"{run_dir}: no usable checkpoint to resume from{detail}")

@@ -6,6 +6,7 @@ Every command turns bad input into one line on stderr and exit status 2, with no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -16,6 +17,10 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:  # every command's --help shows the defaults
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not usage + message
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
@@ -66,42 +71,15 @@ def _dims(s: str) -> tuple[int, ...]:
     return dims
 
 
-# ---- commands ---------------------------------------------------------------------------------------
+# ---- commands: each turns parsed flags into one call of the library and a line of output ----------------
 def train_config_from_args(a: argparse.Namespace):
-    """The TrainConfig a ``fastvae train`` command line describes (validated; raises FastVAEError)."""
-    from fastvae.trainer import TrainConfig
+    """The TrainConfig a ``fastvae train`` command line describes: every flag is named after its field
+    (validated; raises FastVAEError)."""
+    from fastvae.config import TrainConfig
 
-    return TrainConfig(
-        preset=a.preset,
-        data=a.data,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        lr_schedule=a.lr_schedule,
-        seed=a.seed,
-        device=a.device,
-        out=a.out,
-        backend=a.backend,
-        binarize=a.binarize,
-        max_steps=a.max_steps,
-        time_limit=a.time_limit,
-        checkpoint_every=a.checkpoint_every,
-        keep_checkpoints=a.keep_checkpoints,
-        resume=a.resume,
-        overwrite=a.overwrite,
-        kl_warmup_steps=a.kl_warmup_steps,
-        kl_warmup_epochs=a.kl_warmup_epochs,
-        dtype=a.dtype,
-        engine=a.engine,
-        cuda_graph=a.cuda_graph,
-        free_bits=a.free_bits,
-        progress=not a.quiet,
-        hidden_dims=a.hidden_dims,
-        latent_dim=a.latent_dim,
-        activation=a.activation,
-        likelihood=a.likelihood,
-        beta=a.beta,
-    )
+    given = vars(a)
+    fields = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    return TrainConfig(**fields, progress=not a.quiet)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -109,50 +87,39 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     result = train(train_config_from_args(a))
     if result.metrics and result.rank == 0:
-        print(
-            f"test -ELBO {result.metrics[-1]['test_loss']:.3f} nats after {result.step} steps; run in {result.out}"
-        )
+        neg_elbo = result.metrics[-1]["test_neg_elbo"]
+        print(f"test -ELBO {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
     return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from fastvae.backends import resolve_device
-    from fastvae.checkpoint import load_model, read_run_config
-    from fastvae.data import DeviceData, load_dataset
     from fastvae.evaluate import elbo_stats, importance_weighted_nll
 
-    device = resolve_device(a.device)
-    config, doc = read_run_config(a.run)
-    model = load_model(a.run, device)
-    train_cfg = doc.get("train", {})
-    binarize = bool(train_cfg.get("binarize", False))
-    seed = int(train_cfg.get("seed", 0))
-    data = load_dataset(a.data or train_cfg.get("data", "mnist"), config.likelihood)
-    if data.data_shape != config.data_shape:
-        raise_error(f"{a.data}: samples have shape {data.data_shape}, the model expects {config.data_shape}")
-    test = DeviceData(data.x_test, device)
-    stats = elbo_stats(model, test, seed=seed, binarize=binarize, limit=a.limit)
+    run = _load_run(a, data=a.data)
+    stats = elbo_stats(run.model, run.test, seed=run.seed, binarize=run.binarized, limit=a.limit)
     result = {
         "n": stats.n,
-        "test_elbo": stats.loss,
+        "test_neg_elbo": stats.neg_elbo,
+        "test_objective": stats.objective,
         "test_rec": stats.rec,
         "test_kl": stats.kl,
         "active_units": stats.active_units,
     }
     if a.iw > 0:
         result["iw_k"] = a.iw
-        result["iw_nll"] = importance_weighted_nll(
-            model, test, a.iw, seed=seed, binarize=binarize, limit=a.limit, progress=not a.json
-        )
+        result["iw_nll"] = importance_weighted_nll(run.model, run.test, a.iw, seed=run.seed, binarize=run.binarized,
+                                                   limit=a.limit, progress=not a.json)  # fmt: skip
     if a.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"test -ELBO   {stats.loss:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}; "
-            f"{stats.n} samples, {stats.active_units} active units)"
-        )
-        if a.iw > 0:
-            print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
+        return 0
+    beta = run.config.beta
+    objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
+    print(
+        f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}{objective}; "
+        f"{stats.n} samples, {stats.active_units} active units)"
+    )
+    if a.iw > 0:
+        print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
     return 0
 
 
@@ -160,8 +127,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
     from fastvae.backends import resolve_device
-    from fastvae.checkpoint import load_model
     from fastvae.images import save_grid
+    from fastvae.runs import load_model
 
     device = resolve_device(a.device)
     model = load_model(a.run, device)
@@ -188,19 +155,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(a: argparse.Namespace):
-    """(model, model config, run doc, test images as float (N, D), test labels or None) of a run."""
-    import torch
-
+def _load_run(a: argparse.Namespace, data: str | None = None):
+    """The run a toolkit command names, on the device it asks for (``fastvae.runs.load_run``)."""
     from fastvae.backends import resolve_device
-    from fastvae.checkpoint import load_model, read_run_config
-    from fastvae.data import load_dataset, unit_float
+    from fastvae.runs import load_run
 
-    device = resolve_device(getattr(a, "device", "auto"))
-    config, doc = read_run_config(a.run)
-    model = load_model(a.run, device)
-    data = load_dataset(doc.get("train", {}).get("data", "mnist"), config.likelihood)
-    return model, config, doc, torch.from_numpy(unit_float(data.x_test)), data.y_test
+    return load_run(a.run, resolve_device(getattr(a, "device", "auto")), data=data)
 
 
 def cmd_interpolate(a: argparse.Namespace) -> int:
@@ -209,14 +169,15 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
     from fastvae.toolkit import interpolate
 
-    model, config, _, x, _ = _load_run(a)
+    run = _load_run(a)
     for name, i in (("--a", a.a), ("--b", a.b)):
-        if not 0 <= i < len(x):
-            raise_error(f"{name} {i} is not a test image index (0..{len(x) - 1})")
+        if not 0 <= i < len(run.test):
+            raise_error(f"{name} {i} is not a test image index (0..{len(run.test) - 1})")
     _check_out(a.out)
-    path = interpolate(model, x[a.a], x[a.b], a.steps).cpu()
-    row = torch.cat([x[a.a][None], path, x[a.b][None]]).numpy()  # image a, the line, image b
-    save_grid(row, config.data_shape, a.out, ncol=len(row), scale=3)
+    x_a, x_b = run.test_images(a.a, a.a + 1), run.test_images(a.b, a.b + 1)
+    path = interpolate(run.model, x_a[0], x_b[0], a.steps)
+    row = torch.cat([x_a, path, x_b]).cpu().numpy()  # image a, the line, image b
+    save_grid(row, run.config.data_shape, a.out, ncol=len(row), scale=3)
     print(
         f"wrote {a.out}: test image {a.a}, {a.steps} decoded points from mu({a.a}) to mu({a.b}), test image {a.b}"
     )
@@ -227,13 +188,15 @@ def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
     from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
 
-    model, config, _, x, _ = _load_run(a)
+    run = _load_run(a)
+    config = run.config
     _check_out(a.out)
-    if config.latent_dim == 2:
-        dims = (0, 1)
-    else:
-        dims = tuple(most_active_dims(kl_per_dim_on(model, x[:2000]), 2))
-    images, _ = manifold(model, a.n, dims)
+    dims = (
+        (0, 1)
+        if config.latent_dim == 2
+        else tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
+    )
+    images, _ = manifold(run.model, a.n, dims)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
     other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
     print(f"wrote {a.out}: {a.n}x{a.n} grid over latent dims {dims[0]} (down) and {dims[1]} (across){other}")
@@ -241,95 +204,53 @@ def cmd_manifold(a: argparse.Namespace) -> int:
 
 
 def cmd_latents(a: argparse.Namespace) -> int:
+    from fastvae.plots import latent_scatter
     from fastvae.toolkit import posterior_means, project_2d
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise_error("fastvae latents needs matplotlib: pip install 'fastvae[plot]'")
-    model, config, _, x, labels = _load_run(a)
+    run = _load_run(a)
     _check_out(a.out)
-    n = min(a.limit, len(x))
-    coords, axes = project_2d(posterior_means(model, x[:n]))
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
-    if labels is not None:
-        labels = labels[:n]
-        for c in sorted(set(labels.tolist())):
-            m = labels == c
-            ax.scatter(
-                coords[m, 0], coords[m, 1], s=3, alpha=0.6, label=str(c), color=plt.cm.tab10(int(c) % 10)
-            )
-        ax.legend(title="label", markerscale=4, loc="best", fontsize=8)
-    else:
-        ax.scatter(coords[:, 0], coords[:, 1], s=3, alpha=0.6)
-    ax.set_title(f"posterior means of {n} test samples: {axes}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(a.out)
-    plt.close(fig)
+    n = min(a.limit, len(run.test))
+    coords, axes = project_2d(posterior_means(run.model, run.test_images(0, n)))
+    labels = None if run.labels is None else run.labels[:n]
+    latent_scatter(coords.numpy(), labels, f"posterior means of {n} test samples: {axes}", a.out)
     print(f"wrote {a.out}: {n} test posterior means ({axes})")
     return 0
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    import csv
-
     import torch
 
     from fastvae.data import load_array, unit_float
-    from fastvae.toolkit import anomaly_scores
+    from fastvae.toolkit import anomaly_scores, write_scores_csv
 
-    model, config, _, x_test, _ = _load_run(a)
+    run = _load_run(a)
+    config = run.config
     arr = load_array(a.data, config.likelihood)
     if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
-    nelbo, iw = anomaly_scores(model, x, a.iw)
-    with open(a.out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "neg_elbo", f"iw_nll_k{a.iw}"])
-        for i, (e, q) in enumerate(zip(nelbo, iw)):
-            w.writerow([i, f"{e:.4f}", f"{q:.4f}"])
+    nelbo, iw = anomaly_scores(run.model, x, a.iw)
+    write_scores_csv(a.out, nelbo, iw, a.iw)
     print(
         f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
     )
     if a.plot:
-        _plot_scores(model, x_test[: a.reference_limit], nelbo if a.iw == 0 else iw, a)
+        _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
 
 
-def _plot_scores(model, x_ref, scores, a: argparse.Namespace) -> None:
+def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     """Histogram of the scores against the run's own held-out test split, with the ROC AUC."""
-    import numpy as np
-
+    from fastvae.plots import score_histogram
     from fastvae.toolkit import anomaly_scores, roc_auc
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise_error("--plot needs matplotlib: pip install 'fastvae[plot]'")
     _check_out(a.plot)
-    ref_elbo, ref_iw = anomaly_scores(model, x_ref, a.iw)
+    ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw)
     ref = ref_elbo if a.iw == 0 else ref_iw
     auc = roc_auc(ref, scores)
     what = "-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})"
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    bins = np.histogram_bin_edges(np.concatenate([ref, scores]), bins=60)
-    ax.hist(ref, bins=bins, alpha=0.6, density=True, label=f"held-out test split ({len(ref)})")
-    ax.hist(scores, bins=bins, alpha=0.6, density=True, label=f"{Path(a.data).name} ({len(scores)})")
-    ax.set_xlabel(f"{what}, nats")
-    ax.set_ylabel("density")
-    ax.set_title(f"anomaly scores: ROC AUC {auc:.3f} (scored data vs test split)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(a.plot)
-    plt.close(fig)
+    score_histogram(ref, scores, what=what, scored_name=Path(a.data).name, auc=auc, out=a.plot)
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
 
 
@@ -358,70 +279,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastvae", description="Train, evaluate, sample and export MLP VAEs.")
     p.add_argument("--version", action="version", version=f"fastvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_run_commands(sub)
+    return p
+
+
+def _add_train(sub) -> None:
+    from fastvae.config import ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, LR_SCHEDULES, PRESETS, TrainConfig
 
     t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
-    t.add_argument("--preset", default="pytorch-example", help="pytorch-example | paper | iwae")
-    t.add_argument("--data", default="mnist", help="'mnist' (bundled) or a .npy/.npz file")
-    t.add_argument("--epochs", type=_int_at_least(1), default=10)
-    t.add_argument("--batch-size", type=_int_at_least(1), default=None, help="global batch (preset default)")
-    t.add_argument("--lr", type=_float_range(0.0, lo_open=True), default=1e-3)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    t.add_argument("--seed", type=_int_at_least(0), default=0)
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    t.add_argument("--out", default=None, help="run directory (default runs/<preset>-<time>)")
-    t.add_argument(
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the flags' defaults are the config's
+
+    def opt(flag: str, **kw) -> None:
+        """A flag named after its TrainConfig field, defaulting to the field's default."""
+        t.add_argument(flag, default=d[flag.lstrip("-").replace("-", "_")], **kw)
+
+    opt("--preset", help=" | ".join(PRESETS))
+    opt("--data", help="'mnist' (bundled) or a .npy/.npz file")
+    opt("--epochs", type=_int_at_least(1))
+    opt("--batch-size", type=_int_at_least(1), help="global batch (default: the preset's)")
+    opt("--lr", type=_float_range(0.0, lo_open=True))
+    opt("--lr-schedule", choices=LR_SCHEDULES)
+    opt("--seed", type=_int_at_least(0))
+    opt("--device", help="auto | cpu | cuda")
+    opt("--backend", choices=BACKENDS)
+    opt("--out", help="run directory (default runs/<preset>-<time>)")
+    opt(
         "--binarize",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="dynamic binarization, re-drawn every batch (default: the preset's)",
+        help="dynamic binarization (default: the preset's)",
     )
-    t.add_argument("--max-steps", type=_int_at_least(1), default=None)
-    t.add_argument("--time-limit", type=_float_range(0.0, lo_open=True), default=None,
-                   help="seconds of training, then evaluate and save")  # fmt: skip
-    t.add_argument("--checkpoint-every", type=_int_at_least(1), default=None, help="steps")
-    t.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3)
-    t.add_argument(
-        "--resume", action="store_true", help="continue the run in --out (start it if there is none)"
+    opt("--max-steps", type=_int_at_least(1))
+    opt(
+        "--time-limit",
+        type=_float_range(0.0, lo_open=True),
+        help="seconds of training, then evaluate and save",
     )
-    t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    t.add_argument(
-        "--kl-warmup-steps", type=_int_at_least(0), default=0, help="beta rises linearly over N steps"
-    )
-    t.add_argument("--kl-warmup-epochs", type=_int_at_least(0), default=0, help="... or over N epochs")
-    t.add_argument("--free-bits", type=_float_range(0.0), default=0.0)
-    t.add_argument("--hidden-dims", type=_dims, default=None, help="e.g. 400 or 200,200")
-    t.add_argument("--latent-dim", type=_int_at_least(1), default=None)
-    t.add_argument("--activation", choices=["relu", "tanh"], default=None)
-    t.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=None)
-    t.add_argument("--beta", type=_float_range(0.0), default=None)
-    t.add_argument("--dtype", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="bf16: fp32 master weights, bf16 compute (CUDA engine)")  # fmt: skip
-    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
-    t.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
-                   help="device-resident step (default: on for CUDA, single process)")  # fmt: skip
+    opt("--checkpoint-every", type=_int_at_least(1), help="steps")
+    opt("--keep-checkpoints", type=_int_at_least(1))
+    opt("--resume", action="store_true", help="continue the run in --out (start it if there is none)")
+    opt("--overwrite", action="store_true", help="replace the run in --out")
+    opt("--kl-warmup-steps", type=_int_at_least(0), help="beta rises linearly over N steps")
+    opt("--kl-warmup-epochs", type=_int_at_least(0), help="... or over N epochs")
+    opt("--free-bits", type=_float_range(0.0), help="per-dimension KL floor, nats")
+    opt("--hidden-dims", type=_dims, help="e.g. 400 or 200,200 (default: the preset's)")
+    opt("--latent-dim", type=_int_at_least(1), help="default: the preset's")
+    opt("--activation", choices=ACTIVATIONS, help="default: the preset's")
+    opt("--likelihood", choices=LIKELIHOODS, help="default: the preset's")
+    opt("--beta", type=_float_range(0.0), help="KL weight (default: the preset's, 1)")
+    opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
+    opt("--cuda-graph", action=argparse.BooleanOptionalAction,
+        help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
+    opt("--engine", action=argparse.BooleanOptionalAction,
+        help="device-resident step (default: on for CUDA, single process)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="test -ELBO and importance-weighted NLL of a run")
-    e.add_argument("run", help="run directory")
-    e.add_argument("--iw", type=_int_at_least(0), default=5000, help="importance samples (0: skip)")
-    e.add_argument("--limit", type=_int_at_least(1), default=None, help="first N test samples")
-    e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
-    s.add_argument("run", help="run directory")
-    s.add_argument("-n", type=_int_at_least(1), default=64)
-    s.add_argument("--seed", type=_int_at_least(0), default=0)
-    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True), default=1.0, help="scale of z")
-    s.add_argument("--ncol", type=_int_at_least(1), default=None)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", required=True, help="PNG file")
-    s.set_defaults(func=cmd_sample)
+def _add_toolkit(sub) -> None:
+    """interpolate, manifold, latents, score: a run directory in, a file out."""
 
     def run_command(name: str, help: str, out: str, func) -> argparse.ArgumentParser:
         """A subcommand on a run directory, with --out (default ``out``) and --device."""
@@ -455,8 +371,34 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
 
+
+def _add_run_commands(sub) -> None:
+    """The commands that read a run directory, and bench."""
+    from fastvae.config import DTYPES
+
+    e = sub.add_parser("eval", help="test -ELBO and importance-weighted NLL of a run")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--iw", type=_int_at_least(0), default=5000, help="importance samples (0: skip)")
+    e.add_argument("--limit", type=_int_at_least(1), default=None, help="first N test samples")
+    e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
+    s.add_argument("run", help="run directory")
+    s.add_argument("-n", type=_int_at_least(1), default=64)
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
+    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True), default=1.0, help="scale of z")
+    s.add_argument("--ncol", type=_int_at_least(1), default=None)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="PNG file")
+    s.set_defaults(func=cmd_sample)
+
+    _add_toolkit(sub)
+
     b = sub.add_parser(
-        "bench", help="time one training step of fastvae against eager, compile and CUDA graphs"
+        "bench", help="time whole training steps of fastvae against eager, compile and CUDA graphs"
     )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--full", action="store_true",
@@ -464,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bounded to a few minutes (pytorch-example, batches 128 1024, fp32)")  # fmt: skip
     b.add_argument("--presets", nargs="+", default=None, help="default: the grid's")
     b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=None)
-    b.add_argument("--dtypes", nargs="+", choices=["fp32", "tf32", "bf16"], default=None,
+    b.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
                    help="default: fp32 tf32 bf16 on CUDA, fp32 on the CPU")  # fmt: skip
     b.add_argument(
         "--steps", type=_int_at_least(5), default=None, help="timed steps per cell (200 GPU, 30 CPU)"
@@ -482,7 +424,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="ONNX file to write")
     x.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization")
     x.set_defaults(func=cmd_export)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Model configuration (:class:`VAEConfig`) and the named presets."""
+"""Configuration: the model (:class:`VAEConfig`), its named presets, and a training run
+(:class:`TrainConfig`), with the option vocabularies the CLI offers. Torch-free."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from typing import Any
 
 from fastvae.errors import FastVAEError
 
+# The option vocabularies: the CLI offers these choices and the configs validate against them.
 ACTIVATIONS = ("relu", "tanh")
 LIKELIHOODS = ("bernoulli", "gaussian")
+BACKENDS = ("auto", "torch", "triton")
+DTYPES = ("fp32", "tf32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -117,3 +122,112 @@ def preset(name: str) -> VAEConfig:
     if name not in PRESETS:
         raise FastVAEError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name])
+
+
+# Training settings that come with a preset unless given explicitly.
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "pytorch-example": {"batch_size": 128, "binarize": False},
+    "paper": {"batch_size": 100, "binarize": False},
+    "iwae": {"batch_size": 100, "binarize": True},  # dynamically binarized MNIST, as in the IWAE paper
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; stored in the run's config.json."""
+
+    preset: str = "pytorch-example"
+    data: str = "mnist"  # "mnist" (bundled) or a .npy/.npz file
+    epochs: int = 10
+    batch_size: int | None = None  # global batch; None: the preset's (128, or 100 for paper/iwae)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # "constant", or "cosine": lr * (1 + cos(pi * step / total_steps)) / 2
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None  # default runs/<preset>-<timestamp>
+    backend: str = "auto"
+    binarize: bool | None = None  # dynamic binarization, re-drawn every batch; None: the preset's
+    max_steps: int | None = None  # stop after this many optimizer steps
+    time_limit: float | None = None  # stop (evaluate, save) after this many seconds of training
+    checkpoint_every: int | None = None  # also checkpoint every N steps (always at each epoch end)
+    keep_checkpoints: int = 3
+    resume: bool = False  # continue the run in `out` if there is one (else start it: torchrun restarts)
+    overwrite: bool = False
+    kl_warmup_steps: int = 0  # beta rises linearly from 0 to its value over this many steps
+    kl_warmup_epochs: int = 0  # the same in epochs (used when kl_warmup_steps is 0)
+    free_bits: float = 0.0  # per-dimension KL floor in nats (batch-averaged, Kingma et al. 2016)
+    eval_batch_size: int = 1000
+    progress: bool = True
+    # fp32 | tf32 | bf16 (bf16: fp32 master weights, bf16 compute; needs the CUDA engine)
+    dtype: str = "fp32"
+    # Run the step through fastvae.engine (batches, noise and schedule on the device; eps drawn in-kernel
+    # by the fused backend); None: on for CUDA in a single process.
+    engine: bool | None = None
+    # Capture that step in a CUDA graph; None: whenever the engine runs on CUDA.
+    cuda_graph: bool | None = None
+    # Model overrides of the preset (None keeps the preset's value).
+    hidden_dims: tuple[int, ...] | None = None
+    latent_dim: int | None = None
+    activation: str | None = None
+    likelihood: str | None = None
+    beta: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded only
+
+    def __post_init__(self) -> None:
+        preset(self.preset)  # validates the name
+        defaults = PRESET_TRAINING.get(self.preset, {})
+        if self.batch_size is None:
+            self.batch_size = defaults.get("batch_size", 128)
+        if self.binarize is None:
+            self.binarize = defaults.get("binarize", False)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        _check_int("kl_warmup_steps", self.kl_warmup_steps, 0)
+        _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, 1)
+        if self.time_limit is not None and (not _finite(self.time_limit) or self.time_limit <= 0):
+            raise FastVAEError(f"time_limit must be a number of seconds > 0, got {self.time_limit!r}")
+        if self.checkpoint_every is not None:
+            _check_int("checkpoint_every", self.checkpoint_every, 1)
+        if not _finite(self.lr) or self.lr <= 0:
+            raise FastVAEError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not _finite(self.free_bits) or self.free_bits < 0:
+            raise FastVAEError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FastVAEError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.backend not in BACKENDS:
+            raise FastVAEError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise FastVAEError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.resume and self.overwrite:
+            raise FastVAEError("--resume and --overwrite exclude each other")
+        self.model_config()  # validates the overrides
+
+    def model_config(self, data_shape: tuple[int, ...] | None = None) -> VAEConfig:
+        changes = {
+            k: getattr(self, k)
+            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta")
+            if getattr(self, k) is not None
+        }
+        if data_shape is not None:
+            changes["input_dim"] = tuple(data_shape)
+        return preset(self.preset).replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["hidden_dims"] is not None:
+            d["hidden_dims"] = list(d["hidden_dims"])
+        return d
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(name: str, v: object, lo: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise FastVAEError(f"{name} must be an integer >= {lo}, got {v!r}")

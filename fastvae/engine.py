@@ -22,11 +22,13 @@ from contextlib import nullcontext
 
 import torch
 
+from fastvae.config import DTYPES
 from fastvae.data import DeviceData
 from fastvae.fused import FusedVAE
+from fastvae.noise import binarize as binarize_rows
+from fastvae.schedules import TRAIN_BINARIZE_SALT, step_noise
 
 WARMUP_STEPS = 3
-DTYPES = ("fp32", "tf32", "bf16")
 
 
 def set_matmul_precision(dtype: str) -> None:
@@ -54,9 +56,11 @@ class TrainStep:
         binarize: bool = False,
         dtype: str = "fp32",
         cuda_graph: bool | None = None,
+        seed: int = 0,
+        free_bits: float = 0.0,
     ) -> None:
         self.model, self.opt, self.batch_size = model, optimizer, batch_size
-        self.binarize, self.dtype = binarize, dtype
+        self.binarize, self.dtype, self.seed, self.free_bits = binarize, dtype, seed, free_bits
         self.device = next(model.parameters()).device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         set_matmul_precision(dtype)
@@ -67,6 +71,8 @@ class TrainStep:
         # (steps, B) row indices of the epoch's batches, rewritten in place by load_epoch
         self.batches = torch.zeros(self.steps_per_epoch, batch_size, dtype=torch.int64, device=dev)
         self.cursor = torch.zeros(1, dtype=torch.int64, device=dev)  # batch index within the epoch
+        # epoch * N: with a row's data index, the run-wide sample id its training noise is keyed by
+        self.epoch_base = torch.zeros((), dtype=torch.int64, device=dev)
         self.beta = torch.tensor(float(model.config.beta), device=dev)  # KL weight, rewritten in place
         # d(mean loss)/d(per-sample loss): backward from this static vector needs no mean or ones kernel
         self.grad_weight = torch.full((batch_size,), 1.0 / batch_size, device=dev)
@@ -75,10 +81,12 @@ class TrainStep:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     # ---- schedule inputs (written outside the graph, read inside it) ----------------------------
-    def load_epoch(self, perm: torch.Tensor) -> None:
+    def load_epoch(self, perm: torch.Tensor, epoch: int = 0, first: int = 0) -> None:
+        """Install epoch ``epoch``'s order ``perm``, starting at its batch ``first`` (a resumed epoch)."""
         n = self.steps_per_epoch * self.batch_size
         self.batches.copy_(perm[:n].view(self.steps_per_epoch, self.batch_size))
-        self.cursor.zero_()
+        self.cursor.fill_(first)
+        self.epoch_base.fill_(epoch * len(self.x))
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -103,20 +111,22 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         idx = torch.index_select(self.batches, 0, self.cursor).view(-1)  # (B,)
         x = torch.index_select(self.x, 0, idx)  # (B, D) float in [0, 1]
-        if self.binarize:
-            x = (torch.rand_like(x) < x).to(x.dtype)
-        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        if isinstance(self.model, FusedVAE) and self.model._fallback(x) is None:
-            loss = self.model.fused_terms(x.to(compute), beta=self.beta)[0]  # eps drawn in-kernel
+        ids = self.epoch_base + idx  # (B,) schedules.sample_ids: epoch * N + data index
+        model = self.model
+        if isinstance(model, FusedVAE) and model.can_fuse(x, self.free_bits) is None:
+            if self.binarize:
+                x = binarize_rows(x, self.seed, TRAIN_BINARIZE_SALT, ids)
+            x = x.to(torch.bfloat16 if self.dtype == "bf16" else torch.float32)
+            loss = model.fused_terms(x, beta=self.beta)[0]  # eps drawn in-kernel
         else:
+            x, eps = step_noise(self.seed, ids, x, model.config.latent_dim, self.binarize)
             ctx = (
                 torch.autocast(self.device.type, dtype=torch.bfloat16)
                 if self.dtype == "bf16"
                 else nullcontext()
             )
             with ctx:
-                rec, kl = self.model.elbo_terms(x)
-                loss = rec.float() + self.beta * kl.float().sum(-1)
+                loss = model.objective(x, eps, beta=self.beta, free_bits=self.free_bits).loss.float()
         loss.backward(self.grad_weight)  # the gradient of loss.mean()
         self.opt.step()
         self.cursor += 1

@@ -1,4 +1,11 @@
-"""Evaluation: test -ELBO (with its parts) and the importance-weighted NLL estimate, in nats."""
+"""Evaluation: the test -ELBO (with its parts), the training objective, and the importance-weighted NLL.
+
+Every noise draw here is keyed by the row's own index in the split and a fixed salt (``fastvae.noise``'s
+row rule): the eps of the -ELBO, the k importance samples and the dynamic binarization of test images.
+So no figure depends on the eval batch size, the IW chunk size, the number of ranks or the device, and
+the -ELBO and the IW bound of a binarized run score the same binarized image: each test image is
+binarized once per seed, the draw shared by all k samples, as in the IWAE protocol.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ from tqdm import tqdm
 
 from fastvae.data import DeviceData
 from fastvae.distributed import DistInfo
-from fastvae.noise import keyed_generator
+from fastvae.model import Objective, ReferenceVAE, fixed_row_blocks
+from fastvae.noise import binarize, row_normal
 
 # Salts that keep evaluation noise apart from training noise drawn with the same seed.
 EVAL_SALT = 1_000_003
@@ -20,7 +28,8 @@ IW_SALT = 3_000_017
 
 @dataclass
 class ElboStats:
-    loss: float  # mean per-sample -ELBO (nats): rec + beta * KL
+    neg_elbo: float  # mean per-sample -ELBO (nats): rec + KL, whatever beta training used
+    objective: float  # mean rec + beta * KL at the model's configured beta: what training minimized
     rec: float  # mean -log p(x|z)
     kl: float  # mean KL(q(z|x) || p(z))
     kl_per_dim: list[float]  # mean KL of each latent dimension
@@ -32,13 +41,11 @@ class ElboStats:
         return sum(k > 0.01 for k in self.kl_per_dim)
 
 
-def eval_batch(data: DeviceData, start: int, stop: int, seed: int, binarize: bool) -> Tensor:
-    """Rows start..stop of ``data`` as float; binarized with noise keyed by the row index when asked."""
-    x = data.batch(torch.arange(start, stop, device=data.x.device))
-    if binarize:
-        g = keyed_generator(seed + BINARIZE_SALT, start, x.device)
-        x = (torch.rand(x.shape, generator=g, device=x.device) < x).float()
-    return x
+def eval_rows(data: DeviceData, rows: Tensor, seed: int, binarized: bool) -> Tensor:
+    """The evaluation view of test rows ``rows`` (indices into ``data``): float in [0, 1], binarized
+    once per (seed, row) when the run trains on binarized data. Every consumer of test images uses it."""
+    x = data.batch(rows.to(data.x.device))
+    return binarize(x, seed, BINARIZE_SALT, rows) if binarized else x
 
 
 def _shard(n: int, dist: DistInfo | None) -> range:
@@ -47,6 +54,25 @@ def _shard(n: int, dist: DistInfo | None) -> range:
         return range(0, n)
     per = -(-n // dist.world_size)
     return range(min(n, dist.rank * per), min(n, (dist.rank + 1) * per))
+
+
+def _row_ids(start: int, stop: int, device: torch.device) -> Tensor:
+    return torch.arange(start, stop, device=device)
+
+
+@torch.no_grad()
+def elbo_terms_by_row(model: torch.nn.Module, x: Tensor, rows: Tensor, seed: int) -> Objective:
+    """:meth:`ReferenceVAE.objective` for consecutive test rows ``rows`` with their keyed eps. The
+    reference (plain PyTorch) path on every backend: it keeps the KL per latent dimension, which the
+    report needs. Computed in row blocks aligned to the rows' indices: bit-identical in any batching."""
+    eps = row_normal(seed, EVAL_SALT, rows, model.config.latent_dim).to(x.device)
+
+    def parts(xb: Tensor, eb: Tensor) -> Tensor:  # (R, 3 + Z): rec, kl, loss, kl per dimension
+        o = ReferenceVAE.objective(model, xb, eb)
+        return torch.cat([torch.stack([o.rec, o.kl, o.loss], -1), o.kl_per_dim], -1)
+
+    p = fixed_row_blocks(parts, x.flatten(1), eps, offset=int(rows[0]) if len(rows) else 0)
+    return Objective(p[:, 2], p[:, 0], p[:, 1], p[:, 3:])
 
 
 @torch.no_grad()
@@ -60,31 +86,42 @@ def elbo_stats(
     limit: int | None = None,
     dist: DistInfo | None = None,
 ) -> ElboStats:
-    """Mean test -ELBO with one reparameterized draw per sample, the noise keyed by the sample index
-    (so the figure does not depend on the batch size or the number of ranks)."""
+    """Mean test -ELBO and objective with one reparameterized draw per sample."""
     was_training = model.training
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
     z_dim = model.config.latent_dim
     device = data.x.device
-    sums = torch.zeros(3 + z_dim, dtype=torch.float64, device=device)
+    sums = torch.zeros(3 + z_dim, dtype=torch.float64, device=device)  # rec, kl, objective, kl per dim
     rows = _shard(n, dist)
     for start in range(rows.start, rows.stop, batch_size):
-        stop = min(start + batch_size, rows.stop)
-        x = eval_batch(data, start, stop, seed, binarize)
-        g = keyed_generator(seed + EVAL_SALT, start, device)
-        eps = torch.randn(stop - start, z_dim, generator=g, device=device)
-        rec, kl = model.elbo_terms(x, eps)
-        loss = rec + model.config.beta * kl.sum(-1)
-        sums[0] += loss.double().sum()
-        sums[1] += rec.double().sum()
-        sums[2] += kl.double().sum()
-        sums[3:] += kl.double().sum(0)
+        idx = _row_ids(start, min(start + batch_size, rows.stop), device)
+        o = elbo_terms_by_row(model, eval_rows(data, idx, seed, binarize), idx, seed)
+        sums[0] += o.rec.double().sum()
+        sums[1] += o.kl.double().sum()
+        sums[2] += o.loss.double().sum()
+        sums[3:] += o.kl_per_dim.double().sum(0)
     if dist is not None:
         dist.all_reduce_sum(sums)
     model.train(was_training)
     s = (sums / max(n, 1)).tolist()
-    return ElboStats(s[0], s[1], s[2], s[3:], n)
+    return ElboStats(s[0] + s[1], s[2], s[0], s[1], s[3:], n)
+
+
+@torch.no_grad()
+def iw_bound_by_row(model: torch.nn.Module, x: Tensor, rows: Tensor, k: int, seed: int) -> Tensor:
+    """(B,) k-sample importance-weighted -log p(x) of consecutive test rows ``rows``, draw j of row r
+    keyed by (r, j)."""
+    z_dim = model.config.latent_dim
+
+    def noise(start: int, c: int) -> Tensor:  # (c, B, Z): columns start*Z .. (start+c)*Z of each row
+        return (
+            row_normal(seed, IW_SALT, rows, c * z_dim, start * z_dim)
+            .view(len(rows), c, z_dim)
+            .transpose(0, 1)
+        )
+
+    return model.importance_weighted_bound(x, k, noise=noise, row_offset=int(rows[0]) if len(rows) else 0)
 
 
 @torch.no_grad()
@@ -105,8 +142,7 @@ def importance_weighted_nll(
     total = 0.0
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc=f"IW k={k}", disable=not progress, leave=False):
-        stop = min(start + batch_size, n)
-        x = eval_batch(data, start, stop, seed, binarize)
-        g = keyed_generator(seed + IW_SALT, start, data.x.device)
-        total += model.importance_weighted_bound(x, k, generator=g).double().sum().item()
+        idx = _row_ids(start, min(start + batch_size, n), data.x.device)
+        x = eval_rows(data, idx, seed, binarize)
+        total += iw_bound_by_row(model, x, idx, k, seed).double().sum().item()
     return total / max(n, 1)

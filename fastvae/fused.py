@@ -1,7 +1,8 @@
-"""FusedVAE: the reference model with its training path (negative_elbo forward + backward) on Triton.
+"""FusedVAE: the reference model with its training objective (forward + backward) on Triton.
 
 Same parameters, ``state_dict`` keys and public methods as :class:`ReferenceVAE`, so weights move freely
-between the two. ``negative_elbo`` and ``forward`` run the fused kernels (``fastvae.kernels.vae``);
+between the two. ``objective`` (and so ``negative_elbo`` and ``forward``) runs the fused kernels
+(``fastvae.kernels.vae``);
 ``encode``, ``decode``, ``sample`` and ``importance_weighted_bound`` are inference paths and use the
 plain PyTorch layers they inherit. What the kernels do not implement (the Gaussian likelihood, free bits)
 falls back to the reference path with a one-line notice on stderr.
@@ -9,16 +10,31 @@ falls back to the reference path with a one-line notice on stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 from torch import Tensor
 
-from fastvae.backends import kernels_can_run
 from fastvae.config import VAEConfig
-from fastvae.model import ReferenceVAE
+from fastvae.model import Objective, ReferenceVAE
 
 _NOTICED: set[str] = set()
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_can_run(device: torch.device) -> bool:
+    """True where the Triton kernels can run: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _notice(what: str) -> None:
@@ -65,15 +81,8 @@ class FusedVAE(ReferenceVAE):
             eps, row_offset,
         )  # fmt: skip
 
-    def negative_elbo(self, x: Tensor, eps: Tensor | None = None, *, beta: float | None = None) -> Tensor:
-        fallback = self._fallback(x)
-        if fallback:
-            _notice(fallback)
-            return super().negative_elbo(x, eps, beta=beta)
-        return self.fused_terms(x, eps, beta=beta)[0]
-
-    def _fallback(self, x: Tensor, free_bits: float = 0.0) -> str | None:
-        """Why this call must take the reference path, or None."""
+    def can_fuse(self, x: Tensor, free_bits: float = 0.0) -> str | None:
+        """None when :meth:`objective` runs on the kernels for this input; else why it cannot."""
         if self.config.likelihood != "bernoulli":
             return f"likelihood {self.config.likelihood!r}"
         if free_bits > 0:
@@ -82,21 +91,21 @@ class FusedVAE(ReferenceVAE):
             return "a gradient w.r.t. x"
         return None
 
-    def forward(
+    def objective(
         self,
         x: Tensor,
         eps: Tensor | None = None,
         *,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
-    ) -> tuple[Tensor, Tensor]:
-        fallback = self._fallback(x, free_bits)
-        if fallback:
-            _notice(fallback)
-            return super().forward(x, eps, beta=beta, free_bits=free_bits)
-        loss, kl = self.fused_terms(x, eps, beta=beta)
-        if beta is None or (not isinstance(beta, Tensor) and float(beta) == self.config.beta):
-            report = loss.detach()
-        else:  # KL warm-up: report the -ELBO at the configured beta
-            report = loss.detach() + (self.config.beta - self._beta(beta, x.device)) * kl
-        return loss.mean(), report
+    ) -> Objective:
+        """:meth:`ReferenceVAE.objective` on the fused kernels (the reference path where they do not
+        cover the request, with a one-line notice); eps None draws it in-kernel. The kernels reduce the KL
+        over latent dimensions, so ``kl_per_dim`` is None here."""
+        why_not = self.can_fuse(x, free_bits)
+        if why_not:
+            _notice(why_not)
+            return super().objective(x, eps, beta=beta, free_bits=free_bits)
+        beta_t = self._beta(beta, x.device)
+        loss, kl = self.fused_terms(x, eps, beta=beta_t)  # (B,), (B,)
+        return Objective(loss, loss - beta_t * kl, kl)

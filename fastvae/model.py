@@ -9,6 +9,8 @@ is N(0, I).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +20,27 @@ from fastvae.config import VAEConfig
 
 LOG_2PI = math.log(2.0 * math.pi)
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
-# Rows (samples x importance draws) decoded at once by importance_weighted_bound: 32768 rows of 784
-# logits is ~100 MB of fp32, so k = 5000 runs in chunks for any batch.
-IW_ROWS_PER_CHUNK = 32768
+# importance_weighted_bound decodes IW_GROUP rows x IW_DRAWS draws at once: 8 x 512 = 4096 rows of 784
+# logits is 13 MB of fp32, so any k and batch fit in memory.
+IW_DRAWS = 512
+IW_GROUP = 8
+# Evaluation runs the networks on blocks of exactly this many rows (see fixed_row_blocks).
+FIXED_ROWS = 256
+
+
+@dataclass
+class Objective:
+    """One draw of the training objective for a batch; every field is per sample."""
+
+    loss: Tensor  # (B,) what training minimizes (its batch mean): rec + beta * KL, free bits applied
+    rec: Tensor  # (B,) -log p(x|z)
+    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)) summed over latent dimensions
+    kl_per_dim: Tensor | None = None  # (B, Z); None where a fused path reduces it in-kernel
+
+    @property
+    def neg_elbo(self) -> Tensor:
+        """(B,) the -ELBO itself (beta = 1, no free bits), whatever the objective's settings."""
+        return self.rec + self.kl
 
 
 class ReferenceVAE(nn.Module):
@@ -68,31 +88,48 @@ class ReferenceVAE(nn.Module):
             h = self._act(layer(h))
         return self.output(h)
 
-    def negative_elbo(self, x: Tensor, eps: Tensor | None = None, *, beta: float | None = None) -> Tensor:
-        """Per-sample -ELBO in nats, (B,): -log p(x|z) + beta * KL(q(z|x) || N(0, I)).
+    def objective(
+        self,
+        x: Tensor,
+        eps: Tensor | None = None,
+        *,
+        beta: float | Tensor | None = None,
+        free_bits: float = 0.0,
+    ) -> Objective:
+        """The training objective, per sample, with its parts: the one place the loss is written.
 
-        ``eps`` (B, Z) is the standard-normal reparameterization noise, drawn when None. ``beta``
-        overrides ``config.beta`` (KL warm-up schedules use it).
+        ``loss`` (B,) is -log p(x|z) + beta * KL(q(z|x) || N(0, I)) for one reparameterized draw (``eps``
+        (B, Z), drawn when None); its batch mean is what training minimizes. ``beta`` overrides
+        ``config.beta`` (KL warm-up passes the scheduled value, possibly as a device tensor). With
+        ``free_bits`` > 0 each latent dimension's batch-mean KL is floored at that many nats (Kingma et
+        al., 2016): a dimension under the floor contributes the constant floor, so it gets no pressure
+        towards the prior, and the batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
         """
-        rec, kl = self.elbo_terms(x, eps)
-        return rec + (self.config.beta if beta is None else beta) * kl.sum(-1)
+        rec, kl = self.elbo_terms(x, eps)  # (B,), (B, Z)
+        beta = self.config.beta if beta is None else beta
+        charged = kl
+        if free_bits > 0:
+            above = kl.detach().mean(0) >= free_bits  # (Z,): the dimensions the floor does not hold
+            charged = torch.where(above, kl, torch.full_like(kl, free_bits))
+        return Objective(rec + beta * charged.sum(-1), rec, kl.sum(-1), kl)
+
+    def negative_elbo(self, x: Tensor, eps: Tensor | None = None, *, beta: float | None = None) -> Tensor:
+        """Per-sample -log p(x|z) + beta * KL in nats, (B,): :meth:`objective`'s loss (``beta`` = 1 gives
+        the -ELBO itself; None takes ``config.beta``)."""
+        return self.objective(x, eps, beta=beta).loss
 
     def forward(
-        self, x: Tensor, eps: Tensor | None = None, *, beta: float | None = None, free_bits: float = 0.0
+        self,
+        x: Tensor,
+        eps: Tensor | None = None,
+        *,
+        beta: float | Tensor | None = None,
+        free_bits: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """Training step: (objective to minimize, a scalar; per-sample -ELBO (B,), detached).
-
-        The objective is the batch mean of -log p(x|z) + beta * KL; with ``free_bits`` > 0 each latent
-        dimension's batch-mean KL is floored at that many nats (Kingma et al., 2016), so dimensions under
-        the floor get no pressure towards the prior. DDP calls this method.
-        """
-        rec, kl = self.elbo_terms(x, eps)
-        beta = self.config.beta if beta is None else beta
-        if free_bits > 0:
-            objective = rec.mean() + beta * kl.mean(0).clamp(min=free_bits).sum()
-        else:
-            objective = (rec + beta * kl.sum(-1)).mean()
-        return objective, (rec + self.config.beta * kl.sum(-1)).detach()
+        """Training step for DDP and plain loops: (mean objective, a scalar; per-sample rec +
+        config.beta * KL (B,), detached, the figure the trainer reports)."""
+        o = self.objective(x, eps, beta=beta, free_bits=free_bits)
+        return o.loss.mean(), (o.rec + self.config.beta * o.kl).detach()
 
     # ---- pieces ----------------------------------------------------------------------------------
     def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -127,32 +164,77 @@ class ReferenceVAE(nn.Module):
 
     @torch.no_grad()
     def importance_weighted_bound(
-        self, x: Tensor, k: int, *, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        k: int,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Callable[[int, int], Tensor] | None = None,
+        row_offset: int = 0,
     ) -> Tensor:
         """-log p(x) estimated with k importance samples from q(z|x) (Burda et al., 2015), (B,) nats.
 
         log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x); the bound tightens as k grows and k = 5000
-        is the NLL figure the IWAE paper reports. Computed in chunks of draws so any k fits in memory.
+        is the NLL figure the IWAE paper reports. ``noise(start, c)`` gives the (c, B, Z) standard
+        normals of draws start .. start + c (evaluation keys them by row); without it they come from
+        ``generator``.
+
+        Any k fits in memory: the decoder runs on blocks of ``IW_DRAWS`` draws of ``IW_GROUP`` rows.
+        Every block has the same shape and a (row, draw) pair always sits at the same place in it
+        (rows aligned by ``row_offset + i``, the row's index in its data set), and each row's k
+        log-weights are reduced once in float64: so a row's result depends neither on the batch it
+        came in nor on the memory schedule (see :func:`fixed_row_blocks`).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         x = x.flatten(1)
         b, z_dim = x.shape[0], self.config.latent_dim
-        mu, logvar = self.encode(x)  # (B, Z)
+        encode = lambda xb: torch.cat(self.encode(xb), -1)  # noqa: E731
+        mu, logvar = fixed_row_blocks(encode, x, offset=row_offset).chunk(2, -1)  # (B, Z) each
         std = torch.exp(0.5 * logvar)
-        chunk = max(1, min(k, IW_ROWS_PER_CHUNK // max(b, 1)))
-        total = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-        for start in range(0, k, chunk):
-            c = min(chunk, k - start)
-            eps = torch.randn(c, b, z_dim, generator=generator, device=x.device, dtype=mu.dtype)
-            z = mu + std * eps  # (c, B, Z)
-            log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (c, B)
+        log_w = torch.empty(b, k, dtype=torch.float64, device=x.device)
+        draws = min(IW_DRAWS, k)
+        for start in range(0, k, draws):
+            c = min(draws, k - start)
+            if noise is None:
+                eps = torch.randn(c, b, z_dim, generator=generator, device=x.device, dtype=mu.dtype)
+            else:
+                eps = noise(start, c).to(device=x.device, dtype=mu.dtype)
+            eps = eps.transpose(0, 1)  # (B, c, Z)
+            z = mu[:, None] + std[:, None] * eps  # (B, c, Z)
+            log_q = -0.5 * (eps.pow(2) + logvar[:, None] + LOG_2PI).sum(-1)  # (B, c)
             log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-            out = self.decode(z.reshape(c * b, z_dim))
-            log_lik = -self.reconstruction_nll(x.repeat(c, 1), out).view(c, b)
-            log_w = (log_lik + log_prior - log_q).double()
-            total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
-        return -(total - math.log(k)).to(mu.dtype)
+            z = F.pad(z, (0, 0, 0, draws - c))  # (B, draws, Z): every block holds `draws` draws per row
+
+            def log_lik(zb: Tensor, xb: Tensor) -> Tensor:  # (G, draws, Z), (G, D) -> (G, draws)
+                g = len(zb)
+                out = self.decode(zb.reshape(g * draws, z_dim))
+                return -self.reconstruction_nll(xb.repeat_interleave(draws, 0), out).view(g, draws)
+
+            lik = fixed_row_blocks(log_lik, z, x, rows=IW_GROUP, offset=row_offset)[:, :c]
+            log_w[:, start : start + c] = lik + log_prior - log_q
+        return -(torch.logsumexp(log_w, dim=1) - math.log(k)).to(mu.dtype)
+
+
+def fixed_row_blocks(
+    fn: Callable[..., Tensor], *tensors: Tensor, rows: int = FIXED_ROWS, offset: int = 0
+) -> Tensor:
+    """``fn`` over blocks of exactly ``rows`` rows of ``tensors``, results concatenated. Row i sits at
+    position (offset + i) % rows of its block and the gaps are zero rows, so with ``offset`` the index of
+    row 0 in its data set, every row is computed at the same place in a same-shaped block however the data
+    is batched. That makes results bit-identical across batchings: BLAS libraries choose their kernels,
+    and so their summation order, by the row count and a row's place in the tile (measured on this CPU: a
+    50 -> 33 layer gave other bits for the same row in batches of 333 and 1000, and of 256 at a shifted
+    start)."""
+    n, out = len(tensors[0]), []
+    lead = offset % rows
+    for start in range(-lead, n, rows):
+        lo, hi = max(start, 0), min(start + rows, n)
+        block = [
+            F.pad(t[lo:hi], (0, 0) * (t.dim() - 1) + (lo - start, start + rows - hi)) for t in tensors
+        ]  # zero rows before (alignment) and after (the tail)
+        out.append(fn(*block)[lo - start : hi - start])
+    return torch.cat(out) if out else fn(*tensors)
 
 
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from fastvae.errors import FastVAEError
-from fastvae.evaluate import elbo_stats
-from fastvae.noise import keyed_generator
+from fastvae.evaluate import elbo_stats, elbo_terms_by_row, iw_bound_by_row
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -90,11 +89,10 @@ def anomaly_scores(
     nelbo, iw = [], []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device)
-        g = keyed_generator(seed, start, device)
-        eps = torch.randn(len(xb), model.config.latent_dim, generator=g, device=device)
-        nelbo.append(model.negative_elbo(xb, eps).double().cpu())
+        rows = torch.arange(start, start + len(xb), device=device)  # noise keyed by the row's index in x
+        nelbo.append(elbo_terms_by_row(model, xb, rows, seed).neg_elbo.double().cpu())
         if k > 0:
-            iw.append(model.importance_weighted_bound(xb, k, generator=g).double().cpu())
+            iw.append(iw_bound_by_row(model, xb, rows, k, seed).double().cpu())
     nelbo_all = torch.cat(nelbo).numpy()
     return nelbo_all, (torch.cat(iw).numpy() if iw else np.full_like(nelbo_all, np.nan))
 
@@ -120,3 +118,18 @@ def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
 
     data = DeviceData(x.cpu().numpy().astype(np.float32), _device(model))
     return elbo_stats(model, data).kl_per_dim
+
+
+def write_scores_csv(path: str, nelbo: np.ndarray, iw: np.ndarray, k: int) -> None:
+    """index, -ELBO and k-sample IW NLL per row, as CSV, written atomically."""
+    import csv
+    import io
+
+    from fastvae.checkpoint import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "neg_elbo", f"iw_nll_k{k}"])
+    for i, (e, q) in enumerate(zip(nelbo, iw)):
+        w.writerow([i, f"{e:.4f}", f"{q:.4f}"])
+    atomic_write_bytes(path, buf.getvalue().encode())

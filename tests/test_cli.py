@@ -60,7 +60,7 @@ def test_eval_json_and_sample(run_dir, tmp_path):
     proc = fastvae("eval", run_dir, "--iw", 20, "--limit", 30, "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    assert res["n"] == 30 and res["iw_k"] == 20 and res["iw_nll"] < res["test_elbo"] + 1.0
+    assert res["n"] == 30 and res["iw_k"] == 20 and res["iw_nll"] < res["test_neg_elbo"] + 1.0
     png = tmp_path / "s.png"
     proc = fastvae("sample", run_dir, "-n", 16, "--seed", 3, "--out", png, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fastvae import TrainConfig, load_model, train
-from fastvae.checkpoint import read_run_config
 from fastvae.data import DeviceData, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats
+from fastvae.runs import read_run_config
 
 
 def _cfg(tmp_path, data, **kw):
@@ -34,12 +34,20 @@ def test_short_training_lowers_the_test_loss(tmp_path, tiny_npz):
 
     untrained = ReferenceVAE(cfg.model_config((8, 8)))
     test = DeviceData(load_dataset(str(tiny_npz)).x_test, "cpu")
-    before = elbo_stats(untrained, test).loss
+    before = elbo_stats(untrained, test).neg_elbo
     result = train(cfg)
-    after = result.metrics[-1]["test_loss"]
+    after = result.metrics[-1]["test_neg_elbo"]
     assert after < 0.8 * before, (before, after)
     assert [m["epoch"] for m in result.metrics] == list(range(1, 9))
-    for key in ("epoch", "train_loss", "test_loss", "seconds", "samples_per_s", "kl_per_dim", "active_units"):
+    for key in (
+        "epoch",
+        "train_loss",
+        "test_neg_elbo",
+        "seconds",
+        "samples_per_s",
+        "kl_per_dim",
+        "active_units",
+    ):
         assert key in result.metrics[0]
 
 
@@ -49,7 +57,9 @@ def test_run_directory_contents_and_round_trip(tmp_path, tiny_npz):
     for name in ("model.safetensors", "config.json", "metrics.jsonl", "samples.png", "reconstructions.png"):
         assert (out / name).is_file(), name
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and lines[-1]["test_loss"] == pytest.approx(result.metrics[-1]["test_loss"])
+    assert len(lines) == 2 and lines[-1]["test_neg_elbo"] == pytest.approx(
+        result.metrics[-1]["test_neg_elbo"]
+    )
     loaded = load_model(out)
     x = torch.rand(5, 64)
     eps = torch.randn(5, 4)
@@ -98,7 +108,7 @@ def test_triton_backend_follows_the_reference_trajectory(tmp_path, tiny_npz):
     fused = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "fused"), epochs=1, backend="triton"))
     for (name, p), q in zip(ref.model.named_parameters(), fused.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
-    assert fused.metrics[-1]["test_loss"] == pytest.approx(ref.metrics[-1]["test_loss"], rel=1e-4)
+    assert fused.metrics[-1]["test_neg_elbo"] == pytest.approx(ref.metrics[-1]["test_neg_elbo"], rel=1e-4)
 
 
 def test_time_limit_stops_cleanly_with_a_saved_model(tmp_path):
@@ -118,9 +128,9 @@ def test_engine_path_of_the_trainer_on_cpu(tmp_path, tiny_npz):
     """The device-resident engine (eager on the CPU): metrics, periodic checkpoints and resume work."""
     cfg = _cfg(tmp_path, tiny_npz, epochs=3, engine=True, checkpoint_every=4, lr=5e-3)
     res = train(cfg)
-    assert [m["epoch"] for m in res.metrics] == [1, 2, 3] and res.metrics[-1]["test_loss"] < res.metrics[0][
-        "test_loss"
-    ]
+    assert [m["epoch"] for m in res.metrics] == [1, 2, 3] and res.metrics[-1]["test_neg_elbo"] < res.metrics[
+        0
+    ]["test_neg_elbo"]
     from fastvae.checkpoint import list_checkpoints
 
     assert [c.name for c in list_checkpoints(res.out)] == [

@@ -1,0 +1,159 @@
+"""Run directories: making one, its metrics file and images, and loading a finished run back.
+
+Files of a run (``fastvae.checkpoint`` writes them atomically)::
+
+    config.json            model config, training config, fastvae version, weights checksum
+    model.safetensors      the latest weights
+    metrics.jsonl          one JSON object per epoch
+    samples.png, reconstructions.png
+    checkpoints/step-<N>/  model.safetensors, optimizer.safetensors, state.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvae import checkpoint as ckpt
+from fastvae.backends import make_model
+from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
+from fastvae.config import TrainConfig, VAEConfig
+from fastvae.data import DeviceData, load_dataset
+from fastvae.distributed import DistInfo
+from fastvae.errors import FastVAEError
+from fastvae.evaluate import eval_rows
+from fastvae.images import save_grid
+from fastvae.noise import keyed_generator
+
+IMAGE_FILES = ("samples.png", "reconstructions.png")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[VAEConfig, dict[str, Any]]:
+    """(model config, the whole config.json) of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FastVAEError(f"{run_dir}: no such run directory")
+    doc = read_json(run_dir / CONFIG_FILE, "run config")
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise FastVAEError(f"{run_dir / CONFIG_FILE}: not a fastvae run config (no 'model' section)")
+    try:
+        return VAEConfig.from_dict(doc["model"]), doc
+    except TypeError as exc:
+        raise FastVAEError(f"{run_dir / CONFIG_FILE}: bad model config ({exc})") from None
+    except FastVAEError as exc:
+        raise FastVAEError(f"{run_dir / CONFIG_FILE}: {exc}") from None
+
+
+def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch"):
+    """Rebuild the trained model of a run directory (weights checked against the recorded checksum)."""
+    run_dir = Path(run_dir)
+    config, doc = read_run_config(run_dir)
+    model = make_model(config, backend=backend, device=torch.device(device))
+    tensors = load_tensors(run_dir / WEIGHTS_FILE, doc.get("weights_sha256"))
+    load_state_into(model, tensors, run_dir / WEIGHTS_FILE)
+    model.to(device).eval()
+    return model
+
+
+@dataclass
+class Run:
+    """A finished run, loaded for use: its model, configs and the test split it is evaluated on."""
+
+    path: Path
+    model: torch.nn.Module
+    config: VAEConfig
+    doc: dict[str, Any]  # the whole config.json
+    test: DeviceData  # the test split, resident on the model's device
+    labels: Any  # test labels (numpy) or None
+    seed: int
+    binarized: bool  # trained (and so evaluated) on dynamically binarized data
+
+    def test_images(self, start: int = 0, stop: int | None = None, *, raw: bool = False) -> torch.Tensor:
+        """Test rows start..stop as float (R, D) on the model's device, as the run evaluates them
+        (binarized by the row rule when it trains so); ``raw`` keeps the grey levels."""
+        stop = len(self.test) if stop is None else min(stop, len(self.test))
+        rows = torch.arange(start, stop, device=self.test.x.device)
+        return eval_rows(self.test, rows, self.seed, self.binarized and not raw)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", data: str | None = None) -> Run:
+    """Load a run for evaluation or the toolkit; ``data`` replaces the run's own data set (same shape)."""
+    device = torch.device(device)
+    config, doc = read_run_config(run_dir)
+    model = load_model(run_dir, device)
+    train_cfg = doc.get("train", {})
+    source = data or train_cfg.get("data", "mnist")
+    dataset = load_dataset(source, config.likelihood)
+    if dataset.data_shape != config.data_shape:
+        raise FastVAEError(
+            f"{source}: samples have shape {dataset.data_shape}, the model expects {config.data_shape}"
+        )
+    return Run(
+        Path(run_dir), model, config, doc, DeviceData(dataset.x_test, device), dataset.y_test,
+        int(train_cfg.get("seed", 0)), bool(train_cfg.get("binarize", False)),
+    )  # fmt: skip
+
+
+def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
+    """The run directory, and whether this run resumes one. Every rank decides before the barrier, so
+    no rank can see files that rank 0 writes after it."""
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
+    if out.exists() and not out.is_dir():
+        raise FastVAEError(f"{out}: exists and is not a directory")
+    if not cfg.resume and has_run:
+        if not cfg.overwrite:
+            raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
+        if info.is_main:
+            import shutil
+
+            for name in (ckpt.CHECKPOINT_DIR,):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.METRICS_FILE, *IMAGE_FILES):
+                (out / name).unlink(missing_ok=True)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    info.barrier()
+    return out, cfg.resume and bool(ckpt.list_checkpoints(out))  # killed before a checkpoint: start over
+
+
+def trim_metrics(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """Keep the metrics of epochs the checkpoint covers (a later line may come from a lost epoch)."""
+    path = run_dir / ckpt.METRICS_FILE
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if rec.get("epoch", math.inf) <= epochs_done:
+            kept.append(rec)
+    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    return kept
+
+
+def append_metrics(run_dir: Path, rec: dict[str, Any]) -> None:
+    with open(run_dir / ckpt.METRICS_FILE, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
+def write_images(model: torch.nn.Module, test: DeviceData, run_dir: Path, seed: int, binarize: bool) -> None:
+    shape = model.config.data_shape
+    g = keyed_generator(seed, 0, next(model.parameters()).device)
+    save_grid(model.sample(64, generator=g).float().cpu().numpy(), shape, run_dir / "samples.png")
+    with torch.no_grad():
+        x = eval_rows(test, torch.arange(min(8, len(test)), device=test.x.device), seed, binarize)
+        mu, _ = model.encode(x)
+        recon = model.mean_output(model.decode(mu))
+    both = torch.cat([x, recon]).float().cpu().numpy()
+    save_grid(both, shape, run_dir / "reconstructions.png", ncol=len(x))
