@@ -19,6 +19,7 @@ minimum bytes, and the time of its GEMM shapes alone through cuBLAS as a lower b
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -302,7 +303,7 @@ def run_bench(
     x = data.batch(torch.arange(len(data), device=dev))  # the float data set, shared by the contenders
     record: dict[str, Any] = {**machine(dev), "grid": grid.__dict__ | {"contenders": list(contenders)},
                               "cells": [], "skipped": skipped}  # fmt: skip
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _load()
     for p in grid.presets:
         for b in grid.batch_sizes:
             if b > len(data):
@@ -323,6 +324,7 @@ def run_bench(
         )
         record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
     record["wall_s"] = time.perf_counter() - t0
+    record["load_avg_1min"] = {"start": load0, "end": _load()}  # > cpu_cores: others shared the cores
     path = Path(out) if out else Path("benchmarks") / "results" / f"{slug(record['device'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -338,6 +340,13 @@ def main_args(a) -> int:
               presets=_tuple(a.presets), batch_sizes=_tuple(a.batch_sizes), dtypes=_tuple(a.dtypes),
               steps=a.steps, warmup=a.warmup, rounds=a.rounds, epoch=False if a.no_epoch else None)  # fmt: skip
     return 0
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _tuple(v) -> tuple | None:

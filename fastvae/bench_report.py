@@ -143,5 +143,7 @@ def _footnotes(record: dict[str, Any], flagged: list) -> list[str]:
                 if n != "examples-loop" and "epoch_s" in v))  # fmt: skip
     if record.get("skipped"):
         out.append("skipped here: " + "; ".join(record["skipped"]))
-    out.append(f"wall time of the run: {record.get('wall_s', 0):.0f} s")
+    load = record.get("load_avg_1min") or {}
+    out.append(f"wall time of the run: {record.get('wall_s', 0):.0f} s; 1-min load average {load.get('start')} at "
+               f"the start, {load.get('end')} at the end, on {record.get('cpu_cores')} cores")  # fmt: skip
     return out
