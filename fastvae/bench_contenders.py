@@ -133,7 +133,9 @@ def make_contender(
         step = _graph_step(ws)
     else:
         step = _compiled_step(ws)
-    notes = {"dynamo": "torch.compile defaults; Tensor.backward() is not traced (trace_autograd_ops=False)"}
+    notes = {
+        "dynamo_config": "torch.compile defaults; Tensor.backward() is not traced (trace_autograd_ops=False)"
+    }
     return Contender(name, step, ws.read_loss, ws.steps_per_epoch, f"Adam ({opt_kind})",
                      notes=notes if name == "compile" else {})  # fmt: skip
 

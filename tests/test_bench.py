@@ -94,3 +94,21 @@ def test_examples_dataset_and_loss_match_torchvision_to_tensor_and_the_elbo():
     recon, mu, logvar = model(x[None])
     loss = loss_function(recon, x[None], mu, logvar)
     assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_epoch_times_runs_every_contender_each_round_and_keeps_the_fastest(monkeypatch):
+    import fastvae.bench_examples as ex
+    from fastvae.bench import EPOCH_ROUNDS, epoch_times
+
+    calls = []
+    monkeypatch.setattr(
+        ex,
+        "examples_epoch",
+        lambda images, device: calls.append(1) or {"epoch_s": 9.0 - len(calls), "steps": 469},
+    )
+    data, x = _data()
+    out = epoch_times(None, {"eager": make_contender("eager", CFG, data, x, 16, "fp32")}, torch.device("cpu"))
+    assert len(calls) == EPOCH_ROUNDS >= 2
+    assert out["examples-loop"]["epoch_s"] == 9.0 - EPOCH_ROUNDS == min(out["examples-loop"]["epoch_s_runs"])
+    e = out["eager"]
+    assert len(e["epoch_s_runs"]) == EPOCH_ROUNDS and e["steps"] == 3 and np.isfinite(e["mean_loss"])
