@@ -341,7 +341,8 @@ def run_bench(
         record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
     record["wall_s"] = time.perf_counter() - t0
     record["load_avg_1min"] = {"start": load0, "end": _load()}  # > cpu_cores: others shared the cores
-    path = Path(out) if out else Path("benchmarks") / "results" / f"{slug(record['device'])}.json"
+    name = slug(record["device"]) if dev.type == "cuda" else f"cpu-{slug(record['device'])}"
+    path = Path(out) if out else Path("benchmarks") / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print_fn(format_table(record))
