@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     from fastvae import load_model, train
     from fastvae.export import Sampler, export_decoder
-    from fastvae.export.sample import physical_cores
+    from fastvae.export.runtime import physical_cores
 
     work = Path(tempfile.mkdtemp(prefix="fastvae-bench-"))
     run = a.run or str(

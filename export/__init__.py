@@ -1,4 +1,4 @@
-"""fastvae.export: ONNX export of a trained decoder and a torch-free CPU sampler.
+"""fastvae.export: ONNX export of a trained run (decoder, encoder, scorer) and torch-free CPU runtimes.
 
 Installed from the repository's ``export/`` folder as ``fastvae.export``. Importing this package (or
 ``fastvae.export.sample``) does not import torch: ``Sampler`` needs only numpy and onnxruntime (and
@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"Sampler": "fastvae.export.sample", "export_decoder": "fastvae.export.onnx_export"}
+_LAZY = {
+    "Sampler": "fastvae.export.sample",
+    "Encoder": "fastvae.export.encode",
+    "Scorer": "fastvae.export.score",
+    "export_decoder": "fastvae.export.onnx_export",
+    "export_encoder": "fastvae.export.onnx_export",
+    "export_scorer": "fastvae.export.onnx_export",
+    "export_parts": "fastvae.export.onnx_export",
+}
 __all__ = list(_LAZY)
 
 

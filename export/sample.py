@@ -11,88 +11,47 @@ optimizations, and one warm-up run at load so the first real call is not slow.
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError
+from fastvae.export.runtime import OnnxPart
+from fastvae.limits import available_bytes
 
 CHUNK_ROWS = 1024
 SMALL_CHUNK = 256  # below this many rows a call reuses a cached binding (see Sampler._run)
-REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
+MAX_SAMPLES = 10_000_000
+MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
+MAX_SEED = 2**63 - 1
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use (hyper-threads counted once), from /proc/cpuinfo on Linux."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    try:
-        cores, phys, core = set(), None, None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "physical id":
-                phys = value.strip()
-            elif key == "core id":
-                core = value.strip()
-            elif not line.strip() and core is not None:
-                cores.add((phys, core))
-                phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-        if cores:
-            return max(1, min(allowed, len(cores)))
-    except OSError:
-        pass
-    return max(1, allowed)
+def _seed(seed: int | None) -> int | None:
+    if seed is not None and (
+        not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED
+    ):
+        raise FastVAEError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r:.40}")
+    return seed
 
 
-class Sampler:
+class Sampler(OnnxPart):
     """Samples E[x|z] (or Bernoulli pixels) from a fastvae ONNX decoder on the CPU."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, seed: int | None = None) -> None:
-        import onnxruntime as ort
+    part = "decoder"
 
-        path = Path(path)
-        if not path.is_file():
-            raise FastVAEError(f"{path}: no such model file")
-        if threads is not None and threads < 1:
-            raise FastVAEError(f"threads must be >= 1, got {threads}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or physical_cores()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise FastVAEError(
-                f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:160]})"
-            ) from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        missing = [k for k in REQUIRED_METADATA if k not in meta]
-        if missing:
-            raise FastVAEError(f"{path}: not a fastvae decoder (metadata lacks {', '.join(missing)})")
-        self.metadata = dict(meta)
-        self.latent_dim = int(meta["latent_dim"])
-        self.data_shape = tuple(json.loads(meta["data_shape"]))
-        self.likelihood = meta.get("likelihood", "bernoulli")
-        self.threads = opts.intra_op_num_threads
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, seed: int | None = None) -> None:
+        super().__init__(path, threads)
+        self.likelihood = self.metadata.get("likelihood", "bernoulli")
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
-        self.out_dim = int(np.prod(self.data_shape))
+        self.out_dim = self.in_dim
         self._io = self.session.io_binding()
         self._bindings: dict[int, tuple] = {}
-        self.rng = np.random.default_rng(seed)  # used by sample() calls that give no seed
+        self.rng = np.random.default_rng(_seed(seed))  # used by sample() calls that give no seed
         self._run(np.zeros((1, self.latent_dim), dtype=np.float32))  # warm-up
 
     def _run(self, z: np.ndarray) -> np.ndarray:
@@ -149,11 +108,15 @@ class Sampler:
         A ``seed`` gives a fresh generator for this call (same seed, same samples); without one the
         sampler's own generator continues its stream.
         """
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
-            raise FastVAEError(f"n must be a positive integer, got {n!r}")
-        if not temperature > 0:
-            raise FastVAEError(f"temperature must be > 0, got {temperature!r}")
-        rng = self.rng if seed is None else np.random.default_rng(seed)
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= MAX_SAMPLES:
+            raise FastVAEError(f"n must be a positive integer <= {MAX_SAMPLES:,}, got {n!r:.40}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature <= MAX_TEMPERATURE):
+            raise FastVAEError(
+                f"temperature must be a number in (0, {MAX_TEMPERATURE:g}], got {temperature!r:.40}"
+            )
+        if 8 * n * self.out_dim > available_bytes():
+            raise FastVAEError(f"{n:,} samples of {self.out_dim:,} values do not fit in memory; draw fewer")
+        rng = self.rng if seed is None else np.random.default_rng(_seed(seed))
         if n < SMALL_CHUNK:  # small call: z is drawn straight into the bound input buffer
             io, z, obuf = self._bound(int(n))
             rng.standard_normal(dtype=np.float32, out=z)
@@ -195,16 +158,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.out is None and a.npy is None:
             raise FastVAEError("nothing to write: give --out FILE.png and/or --npy FILE.npy")
         for target in (a.out, a.npy):
-            if target and not Path(target).resolve().parent.is_dir():
-                raise FastVAEError(f"{target}: the folder {Path(target).parent} does not exist")
+            if target:
+                check_writable(target)
         sampler = Sampler(a.model, threads=a.threads)
         x = sampler.sample(a.n, a.seed, temperature=a.temperature, bernoulli=a.bernoulli)
+        if not np.isfinite(x).all():
+            raise FastVAEError(f"temperature {a.temperature:g} gives non-finite samples; use a smaller one")
         if a.out:
             sampler.save_grid(x, a.out)
         if a.npy:
-            np.save(a.npy, x)
+            buf = io.BytesIO()
+            np.save(buf, x)
+            atomic_write_bytes(a.npy, buf.getvalue())  # exactly the name given (np.save would add .npy)
     except FastVAEError as exc:
         print(f"fastvae: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder
+        print(f"fastvae: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"wrote {a.n} samples" + (f" to {a.out}" if a.out else "") + (f" and {a.npy}" if a.npy else ""))
     return 0

@@ -7,6 +7,7 @@ import torch
 from fastvae.config import BACKENDS, VAEConfig
 from fastvae.errors import FastVAEError
 from fastvae.fused import FusedVAE, kernels_can_run, triton_available
+from fastvae.limits import check_fits
 from fastvae.model import ReferenceVAE
 
 
@@ -28,6 +29,9 @@ def make_model(
     config: VAEConfig, backend: str = "torch", device: torch.device | None = None
 ) -> torch.nn.Module:
     device = torch.device("cpu") if device is None else device
+    # parameters, their gradients and Adam's two moments, in fp32
+    check_fits(16 * config.n_parameters, f"a model of {config.n_parameters:,} parameters",
+               "choose smaller --hidden-dims or --latent-dim", device)  # fmt: skip
     if resolve_backend(backend, device) == "triton":
         return FusedVAE(config).to(device)
     return ReferenceVAE(config).to(device)

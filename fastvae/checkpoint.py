@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from fastvae.atomic import atomic_write_bytes, fsync_dir
 from fastvae.errors import FastVAEError
 
 CONFIG_FILE = "config.json"
@@ -35,34 +39,34 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 # Test hook: seconds to pause inside each checkpoint write (tests kill the process in that window).
-_WRITE_PAUSE = float(os.environ.get("FASTVAE_CHECKPOINT_PAUSE", "0") or 0)
+PAUSE_ENV = "FASTVAE_CHECKPOINT_PAUSE"
+# The optimizer state tensors that must match their parameter's shape and dtype (Adam's and SGD's).
+PER_PARAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
-def _fsync_dir(path: Path) -> None:
+def _write_pause() -> float:
+    """Seconds of the test hook's pause, read when a checkpoint is written (never at import)."""
+    raw = os.environ.get(PAUSE_ENV, "") or "0"
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < 3600):
+        raise FastVAEError(f"{PAUSE_ENV}={raw!r}: expected a number of seconds in [0, 3600)")
+    return value
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def check_regular_file(path: Path, what: str) -> None:
+    """A readable regular file, or one FastVAEError line (a FIFO or device would block a read forever)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        st = path.stat()
+    except FileNotFoundError:
+        raise FastVAEError(f"{path}: missing {what}") from None
+    except OSError as exc:
+        raise FastVAEError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise FastVAEError(f"{path}: {what} is {kind}")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -70,7 +74,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    # copies: the fused engine's parameters and Adam moments are views of flat buffers (and its step count
+    # one tensor shared by every parameter), which safetensors refuses to save as they are
+    return save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
 
 
 def sha256(data: bytes) -> str:
@@ -78,23 +84,28 @@ def sha256(data: bytes) -> str:
 
 
 def read_json(path: Path, what: str) -> Any:
+    check_regular_file(path, what)
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FastVAEError(f"{path}: missing {what}") from None
+    except OSError as exc:
+        raise FastVAEError(f"{path}: cannot read {what} ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FastVAEError(
             f"{path}: {what} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
         ) from None
 
 
-def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, checking its SHA-256 when one was recorded."""
+def load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its SHA-256: a missing checksum is an error too, since
+    an unverified file could be anything (zeroed weights load without complaint)."""
+    check_regular_file(path, "weights file")
+    if not isinstance(expected_sha256, str):
+        raise FastVAEError(f"{path}: no checksum is recorded for it, so it cannot be verified")
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise FastVAEError(f"{path}: missing weights file") from None
-    if expected_sha256 is not None and sha256(data) != expected_sha256:
+    except OSError as exc:
+        raise FastVAEError(f"{path}: cannot read the weights file ({exc.strerror})") from None
+    if sha256(data) != expected_sha256:
         raise FastVAEError(f"{path}: checksum mismatch (the file is truncated or was modified)")
     try:
         return load(data)
@@ -126,11 +137,26 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], s
 
 
 # ---- run directory ----------------------------------------------------------------------------------
+CHECKSUM_KEYS = ("config_sha256", "weights_sha256")
+
+
+def config_checksum(doc: dict[str, Any]) -> str:
+    """SHA-256 of a run config's content (its checksum fields left out), in canonical JSON."""
+    body = {k: v for k, v in doc.items() if k not in CHECKSUM_KEYS}
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_run_config(run_dir: Path, doc: dict[str, Any]) -> None:
+    """config.json, sealed with the checksum of its own content: an edited model or training section
+    (relu made tanh, "binarize": "false") is refused on load instead of silently changing the run."""
+    atomic_write_json(run_dir / CONFIG_FILE, {**doc, "config_sha256": config_checksum(doc)})
+
+
 def write_weights(run_dir: Path, model: torch.nn.Module, doc: dict[str, Any]) -> None:
     """Write model.safetensors, then config.json with its checksum (the order keeps them consistent)."""
     data = tensors_to_bytes(model.state_dict())
     atomic_write_bytes(run_dir / WEIGHTS_FILE, data)
-    atomic_write_json(run_dir / CONFIG_FILE, {**doc, "weights_sha256": sha256(data)})
+    write_run_config(run_dir, {**doc, "weights_sha256": sha256(data)})
 
 
 # ---- training checkpoints -------------------------------------------------------------------------
@@ -172,8 +198,9 @@ def save_checkpoint(
         opt_bytes = tensors_to_bytes(opt_tensors)
         for name, data in ((WEIGHTS_FILE, model_bytes), ("optimizer.safetensors", opt_bytes)):
             atomic_write_bytes(tmp / name, data)
-            if _WRITE_PAUSE:  # fault injection for the tests: hold the write open so a kill lands mid-write
-                time.sleep(_WRITE_PAUSE)
+            pause = _write_pause()
+            if pause:  # fault injection for the tests: hold the write open so a kill lands mid-write
+                time.sleep(pause)
         doc = {
             **state,
             "step": step,
@@ -184,7 +211,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,6 +224,8 @@ def save_checkpoint(
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
+    if root.exists() and not root.is_dir():
+        raise FastVAEError(f"{root}: exists and is not a directory")
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
@@ -204,11 +233,70 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(model tensors, optimizer state_dict, state.json) of one checkpoint folder, all verified."""
-    state = read_json(ckpt / "state.json", "checkpoint state")
-    sums = state.get("sha256", {})
+    state = _checked_state(ckpt, read_json(ckpt / "state.json", "checkpoint state"))
+    sums = state["sha256"]
     model_t = load_tensors(ckpt / WEIGHTS_FILE, sums.get(WEIGHTS_FILE))
     opt_t = load_tensors(ckpt / "optimizer.safetensors", sums.get("optimizer.safetensors"))
-    return model_t, optimizer_from_tensors(opt_t, state["optimizer"]), state
+    try:
+        opt_sd = optimizer_from_tensors(opt_t, state["optimizer"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FastVAEError(f"{ckpt}: optimizer state does not parse ({exc})") from None
+    return model_t, opt_sd, state
+
+
+_RNG_BYTES = torch.get_rng_state().numel()  # 5056 for torch's Mersenne Twister
+# state.json: key -> (accepted types, check, what it must be)
+_STATE_SCHEMA: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "step": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "epoch_steps": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "epoch_loss": ((int, float), math.isfinite, "a finite number"),
+    "epoch_seconds": ((int, float), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "torch_rng": (
+        (list,),
+        lambda v: len(v) == _RNG_BYTES and all(isinstance(b, int) and 0 <= b < 256 for b in v),
+        "torch's CPU RNG state (a list of bytes)",
+    ),
+    "optimizer": ((dict,), lambda v: isinstance(v.get("param_groups"), list), "an object with param_groups"),
+    "sha256": ((dict,), lambda v: all(isinstance(x, str) for x in v.values()), "an object of checksums"),
+}
+
+
+def _checked_state(ckpt: Path, state: Any) -> dict[str, Any]:
+    """state.json with every key the resume reads present and of the right type, and its step equal to
+    the one in the folder's name (a tampered counter would otherwise be believed)."""
+    where = ckpt / "state.json"
+    if not isinstance(state, dict):
+        raise FastVAEError(f"{where}: expected a JSON object")
+    for key, (types, ok, what) in _STATE_SCHEMA.items():
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, types) or not ok(v):
+            raise FastVAEError(f"{where}: '{key}' must be {what}, got {v!r:.60}")
+    if state["epoch_steps"] > state["step"]:
+        raise FastVAEError(f"{where}: epoch_steps {state['epoch_steps']} exceeds the step {state['step']}")
+    if ckpt.name != f"step-{state['step']:09d}":
+        raise FastVAEError(f"{where}: step {state['step']} does not match the checkpoint folder {ckpt.name}")
+    return state
+
+
+def check_optimizer_state(opt_sd: dict[str, Any], params: list[torch.nn.Parameter], source: Path) -> None:
+    """Every state tensor shaped and typed like its parameter: fused Adam does not check, and a tensor
+    of another shape crashed the process (SIGSEGV) instead of raising."""
+    state = opt_sd["state"]
+    extra = sorted(set(state) - set(range(len(params))))
+    if extra:
+        raise FastVAEError(f"{source}: optimizer state for parameter(s) {extra[:4]} that the model lacks")
+    for idx, entries in state.items():
+        p = params[idx]
+        for name, value in entries.items():
+            if not torch.is_tensor(value):
+                raise FastVAEError(f"{source}: optimizer state {idx}.{name} is not a tensor")
+            if name in PER_PARAM_STATE and (value.shape != p.shape or value.dtype != p.dtype):
+                raise FastVAEError(
+                    f"{source}: optimizer state {idx}.{name} is {tuple(value.shape)} {value.dtype}, its parameter "
+                    f"{tuple(p.shape)} {p.dtype}"
+                )
+            if name == "step" and (value.dim() != 0 or not torch.isfinite(value) or value.item() < 0):
+                raise FastVAEError(f"{source}: optimizer state {idx}.step must be a 0-d finite count >= 0")
 
 
 def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -218,9 +306,14 @@ def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optim
         try:
             model_t, opt_sd, state = load_checkpoint(path)
             load_state_into(model, model_t, path / WEIGHTS_FILE)
-            opt.load_state_dict(opt_sd)
+            check_optimizer_state(opt_sd, [p for g in opt.param_groups for p in g["params"]], path)
+            try:
+                opt.load_state_dict(opt_sd)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise FastVAEError(f"{path}: optimizer state does not fit the model ({exc})") from None
             return state
         except FastVAEError as exc:
             errors.append(str(exc))
+            print(f"fastvae: skipping a checkpoint that does not verify: {exc}", file=sys.stderr)
     detail = f" ({errors[0]})" if errors else ""
     raise FastVAEError(f"{run_dir}: no usable checkpoint to resume from{detail}")

@@ -9,11 +9,18 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fastvae.config import MAX_SEED
+
 EXIT_USAGE = 2
+MAX_IMAGES = 100_000  # samples or interpolation steps drawn into one PNG
+MAX_GRID_SIDE = 1_000  # manifold grid side: a million decoded points
+MAX_IW = 1_000_000  # importance samples per data point (the IWAE paper's NLL uses 5,000)
+MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,35 +32,40 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
-def _fail(message: str) -> int:
-    print(f"fastvae: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    """Print one error line (from rank 0 alone under torchrun, so a bad flag is reported once)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastvae: error: {message}", file=sys.stderr)
+    return code
 
 
 # ---- typed flag values ------------------------------------------------------------------------------
-def _int_at_least(lo: int) -> Callable[[str], int]:
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    want = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi:,}"
+
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r:.40}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r:.40}")
         return v
 
     parse.__name__ = f"integer >= {lo}"
     return parse
 
 
-def _float_range(lo: float, lo_open: bool = False) -> Callable[[str], float]:
+def _float_range(lo: float, lo_open: bool = False, hi: float | None = None) -> Callable[[str], float]:
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r:.40}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            upper = "" if hi is None else f" and <= {hi:g}"
             raise argparse.ArgumentTypeError(
-                f"expected a finite number {'>' if lo_open else '>='} {lo:g}, got {s!r}"
+                f"expected a finite number {'>' if lo_open else '>='} {lo:g}{upper}, got {s!r:.40}"
             )
         return v
 
@@ -88,7 +100,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     result = train(train_config_from_args(a))
     if result.metrics and result.rank == 0:
         neg_elbo = result.metrics[-1]["test_neg_elbo"]
-        print(f"test -ELBO {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
+        what = "reconstruction NLL" if result.model.config.is_ae else "-ELBO"
+        print(f"test {what} {neg_elbo:.3f} nats after {result.step} steps; run in {result.out}")
     return 0
 
 
@@ -105,36 +118,55 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "test_kl": stats.kl,
         "active_units": stats.active_units,
     }
+    if run.config.is_ae:
+        return _print_ae_eval(result, stats, a)
+    if not a.json:  # the -ELBO takes seconds; print it before the IW bound's minutes
+        beta = run.config.beta
+        objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
+        print(
+            f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}"
+            f"{objective}; {stats.n} samples, {stats.active_units} active units)",
+            flush=True,
+        )
     if a.iw > 0:
         result["iw_k"] = a.iw
         result["iw_nll"] = importance_weighted_nll(run.model, run.test, a.iw, seed=run.seed, binarize=run.binarized,
                                                    limit=a.limit, progress=not a.json)  # fmt: skip
     if a.json:
         print(json.dumps(result))
-        return 0
-    beta = run.config.beta
-    objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
-    print(
-        f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}{objective}; "
-        f"{stats.n} samples, {stats.active_units} active units)"
-    )
-    if a.iw > 0:
+    elif a.iw > 0:
         print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
     return 0
 
 
+def _print_ae_eval(result: dict, stats, a: argparse.Namespace) -> int:
+    """An autoencoder has no ELBO and no importance-weighted bound: its figure is -log p(x|mu(x))."""
+    note = "autoencoder: no q(z|x) to sample, so no ELBO and no importance-weighted bound"
+    result.update(model="ae", iw_nll=None, note=note)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"test reconstruction NLL  {stats.rec:.3f} nats  (-log p(x|mu(x)), {stats.n} samples; {note})")
+    return 0
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from fastvae.backends import resolve_device
     from fastvae.images import save_grid
+    from fastvae.limits import check_fits
     from fastvae.runs import load_model
 
     device = resolve_device(a.device)
     model = load_model(a.run, device)
+    check_fits(8 * a.n * model.config.flat_dim, f"{a.n:,} samples", "draw fewer with -n", device)
     g = torch.Generator(device=device)
     g.manual_seed(a.seed)
     x = model.sample(a.n, generator=g, temperature=a.temperature).float().cpu().numpy()
+    if not np.isfinite(x).all():
+        raise_error(f"temperature {a.temperature:g} gives non-finite samples; use a smaller --temperature")
     _check_out(a.out)
     save_grid(x, model.config.data_shape, a.out, ncol=a.ncol or math.ceil(math.sqrt(a.n)))
     print(f"wrote {a.n} samples to {a.out}")
@@ -142,16 +174,19 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from fastvae.export.onnx_export import export_decoder
+    from fastvae.export.onnx_export import export_parts
 
-    res = export_decoder(a.run, a.out, int8=a.int8)
-    extra = ""
-    if a.int8:
-        extra = (
-            f"; int8 max probability error {res.metadata['int8_max_prob_error']}, "
-            f"test -ELBO change {float(res.metadata['int8_test_elbo_change']):+.3f} nats"
+    for res in export_parts(a.run, a.out, a.part, iw=a.iw, int8=a.int8, reduce_range=a.int8_reduce_range):
+        m = res.metadata
+        errs = ", ".join(
+            f"{k[5:].replace('_', ' ')} {v}" for k, v in m.items() if k.startswith("int8_") and "error" in k
         )
-    print(f"wrote {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})")
+        extra = f"; int8 ({'reduce_range' if a.int8_reduce_range else 'full range'}) {errs}" if a.int8 else ""
+        if "int8_test_elbo_change" in m:
+            extra += f", test -ELBO change {float(m['int8_test_elbo_change']):+.3f} nats"
+        print(
+            f"wrote {res.part} {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})"
+        )
     return 0
 
 
@@ -186,16 +221,19 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
 
 def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
-    from fastvae.toolkit import kl_per_dim_on, manifold, most_active_dims
+    from fastvae.limits import check_fits
+    from fastvae.toolkit import manifold, most_active_dims, usage_per_dim
 
     run = _load_run(a)
     config = run.config
     _check_out(a.out)
-    dims = (
-        (0, 1)
-        if config.latent_dim == 2
-        else tuple(most_active_dims(kl_per_dim_on(run.model, run.test_images(0, 2000)), 2))
+    check_fits(
+        8 * a.n * a.n * config.flat_dim, f"a {a.n}x{a.n} manifold", "use a smaller -n", run.test.x.device
     )
+    if config.latent_dim == 2:
+        dims = (0, 1)
+    else:
+        dims = tuple(most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000)), 2))
     images, _ = manifold(run.model, a.n, dims)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
     other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
@@ -230,11 +268,14 @@ def cmd_score(a: argparse.Namespace) -> int:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
+    if config.is_ae:
+        a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
     nelbo, iw = anomaly_scores(run.model, x, a.iw)
     write_scores_csv(a.out, nelbo, iw, a.iw)
-    print(
-        f"wrote {a.out}: {len(x)} samples, mean -ELBO {nelbo.mean():.2f} nats, mean IW NLL {iw.mean():.2f} nats"
-    )
+    first = "reconstruction NLL" if config.is_ae else "-ELBO"
+    last = ", IW NLL undefined for an autoencoder" if config.is_ae else ""
+    last = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else last
+    print(f"wrote {a.out}: {len(x)} samples, mean {first} {nelbo.mean():.2f} nats{last}")
     if a.plot:
         _plot_scores(run, nelbo if a.iw == 0 else iw, a)
     return 0
@@ -249,9 +290,77 @@ def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw)
     ref = ref_elbo if a.iw == 0 else ref_iw
     auc = roc_auc(ref, scores)
-    what = "-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})"
+    what = "reconstruction NLL" if run.config.is_ae else ("-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})")
     score_histogram(ref, scores, what=what, scored_name=Path(a.data).name, auc=auc, out=a.plot)
     print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
+
+
+def cmd_quality(a: argparse.Namespace) -> int:
+    from fastvae.quality import max_entropy_bits, run_quality
+
+    run = _load_run(a)
+    report = run_quality(run, a.n, a.seed)
+    if a.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    if report.unavailable:
+        print(f"{run.path}: quality scores unavailable: {report.unavailable}")
+        return 0
+    top = max_entropy_bits(report.n_classes)
+    print(
+        f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in fastvae.quality.cache_dir())"
+    )
+    print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}  class histogram")
+    for name, sc in report.rows.items():
+        hist = " ".join(str(c) for c in sc.histogram)
+        print(f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}  {hist}")
+    print("MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from fastvae.backends import resolve_device
+    from fastvae.checkpoint import atomic_write_bytes
+    from fastvae.compare import compare_runs, table
+    from fastvae.plots import compare_figure
+
+    _check_out(a.out)
+    if a.table:
+        _check_out(a.table)
+    names = a.names.split(",") if a.names else None
+    summaries = compare_runs(a.runs, names, device=resolve_device(a.device), n_quality=a.n, seed=a.seed)
+    text = table(summaries)
+    compare_figure(summaries, a.out)
+    if a.table:
+        atomic_write_bytes(a.table, (text + "\n").encode())
+    print(text)
+    print(f"wrote {a.out}" + (f" and {a.table}" if a.table else ""))
+    return 0
+
+
+def cmd_edit(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.edit import attribute_direction, edit, label_groups, parse_strengths, read_attribute
+    from fastvae.images import save_grid
+
+    strengths = parse_strengths(a.strength)
+    run = _load_run(a)
+    n = len(run.test)
+    if not 0 <= a.image < n:
+        raise_error(f"--image {a.image} is not a test image index (0..{n - 1})")
+    _check_out(a.out)
+    if a.attributes:
+        rows, mask = np.arange(n), read_attribute(a.attributes, a.attribute, n)
+    else:
+        rows, mask = label_groups(a.attribute, run.labels)
+    x = run.test_images()
+    direction = attribute_direction(run.model, x[rows], mask)
+    strip = edit(run.model, x[a.image], direction, strengths)
+    save_grid(strip.cpu().numpy(), run.config.data_shape, a.out, ncol=len(strip), scale=3)
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then strengths {', '.join(f'{v:g}' for v in strengths)}"
+          f" along {a.attribute} ({int(mask.sum())} with / {int((~mask).sum())} without; |direction| {direction.norm():.2f})")  # fmt: skip
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -261,9 +370,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _check_out(path: str) -> None:
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise_error(f"{path}: the folder {parent} does not exist")
+    from fastvae.atomic import check_writable
+
+    check_writable(path)
 
 
 def raise_error(message: str) -> None:
@@ -285,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    from fastvae.config import ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, LR_SCHEDULES, PRESETS, TrainConfig
+    from fastvae import config as c
+
+    ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, PRESETS = (
+        c.ACTIVATIONS,
+        c.BACKENDS,
+        c.DTYPES,
+        c.LIKELIHOODS,
+        c.PRESETS,
+    )
+    LR_SCHEDULES, MODELS, TrainConfig = c.LR_SCHEDULES, c.MODELS, c.TrainConfig
 
     t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the flags' defaults are the config's
@@ -300,7 +418,7 @@ def _add_train(sub) -> None:
     opt("--batch-size", type=_int_at_least(1), help="global batch (default: the preset's)")
     opt("--lr", type=_float_range(0.0, lo_open=True))
     opt("--lr-schedule", choices=LR_SCHEDULES)
-    opt("--seed", type=_int_at_least(0))
+    opt("--seed", type=_int_at_least(0, MAX_SEED))
     opt("--device", help="auto | cpu | cuda")
     opt("--backend", choices=BACKENDS)
     opt("--out", help="run directory (default runs/<preset>-<time>)")
@@ -327,6 +445,11 @@ def _add_train(sub) -> None:
     opt("--activation", choices=ACTIVATIONS, help="default: the preset's")
     opt("--likelihood", choices=LIKELIHOODS, help="default: the preset's")
     opt("--beta", type=_float_range(0.0), help="KL weight (default: the preset's, 1)")
+    opt(
+        "--model",
+        choices=MODELS,
+        help="vae, or ae: a plain autoencoder with the same networks (default: vae)",
+    )
     opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
     opt("--cuda-graph", action=argparse.BooleanOptionalAction,
         help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
@@ -352,11 +475,11 @@ def _add_toolkit(sub) -> None:
                     cmd_interpolate)  # fmt: skip
     i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
-    i.add_argument("--steps", type=_int_at_least(2), default=10)
+    i.add_argument("--steps", type=_int_at_least(2, MAX_IMAGES), default=10)
 
     m = run_command("manifold", "decode a grid over the latent space (2-D, or the 2 most active dims)",
                     "manifold.png", cmd_manifold)  # fmt: skip
-    m.add_argument("-n", type=_int_at_least(2), default=20, help="grid side")
+    m.add_argument("-n", type=_int_at_least(2, MAX_GRID_SIDE), default=20, help="grid side")
 
     lt = run_command(
         "latents", "scatter of test posterior means coloured by label", "latents.png", cmd_latents
@@ -367,9 +490,39 @@ def _add_toolkit(sub) -> None:
     sc.add_argument(
         "--data", required=True, help=".npy/.npz of samples to score, or 'mnist' (its test split)"
     )
-    sc.add_argument("--iw", type=_int_at_least(0), default=100, help="importance samples (0: -ELBO only)")
+    sc.add_argument(
+        "--iw", type=_int_at_least(0, MAX_IW), default=100, help="importance samples (0: -ELBO only)"
+    )
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
+
+    q = sub.add_parser(
+        "quality", help="judge prior samples and interpolation midpoints with a digit classifier"
+    )
+    q.add_argument("run", help="run directory")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.set_defaults(func=cmd_quality)
+    q.add_argument("-n", type=_int_at_least(100), default=5000, help="images per score")
+    q.add_argument("--seed", type=_int_at_least(0), default=0)
+    q.add_argument("--json", action="store_true")
+
+    ed = run_command("edit", "move one test image's code along an attribute direction", "edit.png", cmd_edit)
+    ed.add_argument("--image", type=_int_at_least(0), required=True, help="test image index")
+    ed.add_argument("--attribute", required=True, help="label=A->B, or a column of --attributes")
+    ed.add_argument("--attributes", default=None, help=".csv (header row) or .npy, one row per test image")
+    ed.add_argument("--strength", default="-2,-1,1,2", help="comma-separated multiples of the direction")
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser("compare", help="runs side by side: samples, interpolations, latent map, scores")
+    c.add_argument("runs", nargs="+", help="two or more run directories")
+    c.add_argument("--out", default="compare.png", help="PNG figure")
+    c.add_argument("--table", default=None, help="also write the Markdown table here")
+    c.add_argument("--names", default=None, help="comma-separated column names (default: the folder names)")
+    c.add_argument("-n", type=_int_at_least(100), default=5000, help="images per quality score")
+    c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.set_defaults(func=cmd_compare)
 
 
 def _add_run_commands(sub) -> None:
@@ -378,7 +531,7 @@ def _add_run_commands(sub) -> None:
 
     e = sub.add_parser("eval", help="test -ELBO and importance-weighted NLL of a run")
     e.add_argument("run", help="run directory")
-    e.add_argument("--iw", type=_int_at_least(0), default=5000, help="importance samples (0: skip)")
+    e.add_argument("--iw", type=_int_at_least(0, MAX_IW), default=5000, help="importance samples (0: skip)")
     e.add_argument("--limit", type=_int_at_least(1), default=None, help="first N test samples")
     e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
     e.add_argument("--device", default="auto")
@@ -387,15 +540,17 @@ def _add_run_commands(sub) -> None:
 
     s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
     s.add_argument("run", help="run directory")
-    s.add_argument("-n", type=_int_at_least(1), default=64)
-    s.add_argument("--seed", type=_int_at_least(0), default=0)
-    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True), default=1.0, help="scale of z")
+    s.add_argument("-n", type=_int_at_least(1, MAX_IMAGES), default=64)
+    s.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
+    s.add_argument("--temperature", type=_float_range(0.0, lo_open=True, hi=MAX_TEMPERATURE), default=1.0,
+                   help="scale of z")  # fmt: skip
     s.add_argument("--ncol", type=_int_at_least(1), default=None)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_sample)
 
     _add_toolkit(sub)
+    _add_compare(sub)
 
     b = sub.add_parser(
         "bench", help="time whole training steps of fastvae against eager, compile and CUDA graphs"
@@ -419,23 +574,66 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
     b.set_defaults(func=cmd_bench)
 
-    x = sub.add_parser("export", help="export the decoder to ONNX (checked against PyTorch)")
+    x = sub.add_parser(
+        "export", help="export the decoder, encoder or scorer to ONNX (checked against PyTorch)"
+    )
     x.add_argument("run", help="run directory")
-    x.add_argument("--out", required=True, help="ONNX file to write")
+    x.add_argument("--part", choices=["decoder", "encoder", "scorer", "all"], default="decoder")
+    x.add_argument("--out", required=True, help="ONNX file to write (a folder for --part all)")
+    x.add_argument("--iw", type=_int_at_least(0), default=0,
+                   help="scorer: also the K-sample importance-weighted NLL (eps_iw input (B, K, Z))")  # fmt: skip
     x.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization")
+    x.add_argument("--int8-reduce-range", action="store_true",
+                   help="7-bit int8 weights: for AVX2 CPUs without VNNI (default off: full 8-bit range)")  # fmt: skip
     x.set_defaults(func=cmd_export)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from fastvae.errors import FastVAEError
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--strength -2,-1,1`` as ``--strength=-2,-1,1``: argparse takes a value starting with '-' for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--strength" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--strength={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: every failure the user can cause ends in one ``fastvae: error:`` line and exit
+    status 2 (130 for Ctrl-C, 128 + signal for a preemption that saved a checkpoint)."""
     try:
+        try:
+            args = build_parser().parse_args(
+                _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+            )
+        except SystemExit as done:  # --help, --version, or a bad flag already reported in one line
+            return done.code if isinstance(done.code, int) else 0
         return args.func(args)
-    except FastVAEError as exc:
-        return _fail(str(exc))
     except KeyboardInterrupt:
-        return _fail("interrupted")
-    except MemoryError:
-        return _fail("out of memory; try a smaller --batch-size or --limit")
+        return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001: sorted into user errors below, the rest re-raised
+        return _fail_for(exc)
+
+
+def _fail_for(exc: Exception) -> int:
+    """One line for the failures bad input, full disks and small machines cause; a bug keeps its traceback."""
+    from fastvae.errors import FastVAEError, Preempted
+
+    if isinstance(exc, Preempted):
+        return _fail(str(exc), exc.exit_code)
+    if isinstance(exc, FastVAEError):
+        return _fail(str(exc))
+    if isinstance(exc, MemoryError) or _is_out_of_memory(exc):
+        return _fail("out of memory; try a smaller --batch-size, model, -n or --limit")
+    if isinstance(exc, OSError):  # disk full, read-only file system, permissions, a path under a file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    raise exc
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

@@ -16,6 +16,10 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("fp32", "tf32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+# "vae": the variational autoencoder. "ae": a deterministic autoencoder with the same networks (z = mu(x),
+# no noise, no KL), the baseline the VAE is taught against.
+MODELS = ("vae", "ae")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the noise keys mix 63
 
 
 @dataclass
@@ -36,6 +40,9 @@ class VAEConfig:
     likelihood: str = "bernoulli"
     # KL weight (beta-VAE); 1.0 is the plain ELBO.
     beta: float = 1.0
+    # "vae", or "ae": the same encoder and decoder as a plain autoencoder (z = mu(x), loss -log p(x|z) only;
+    # the head's log-variance half is kept, unused, so every backend shares the state_dict keys).
+    model: str = "vae"
     # Name of the preset this config came from, if any (informational: stored in checkpoints and exports).
     preset: str | None = field(default=None, compare=False)
 
@@ -71,6 +78,15 @@ class VAEConfig:
         if self.beta < 0:
             raise FastVAEError(f"beta must be a finite number >= 0, got {self.beta!r}")
         self.beta = float(self.beta)
+        if self.model not in MODELS:
+            raise FastVAEError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "ae" and self.beta != 1.0:
+            raise FastVAEError("the autoencoder (model 'ae') has no KL term: beta does not apply to it")
+
+    @property
+    def is_ae(self) -> bool:
+        """The deterministic autoencoder: z = mu(x), no KL."""
+        return self.model == "ae"
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -81,6 +97,19 @@ class VAEConfig:
     def flat_dim(self) -> int:
         """D, the number of input features after flattening."""
         return math.prod(self.data_shape)
+
+    @property
+    def n_parameters(self) -> int:
+        """Parameters of the MLP VAE this config describes (computed, nothing allocated)."""
+        enc = (self.flat_dim, *self.hidden_dims)
+        dec = (self.latent_dim, *reversed(self.hidden_dims), self.flat_dim)
+        layers = [
+            *zip(enc[:-1], enc[1:]),
+            (self.hidden_dims[-1], 2 * self.latent_dim),
+            *zip(dec[:-1], dec[1:]),
+        ]
+        gaussian = self.flat_dim if self.likelihood == "gaussian" else 0
+        return sum(a * b + b for a, b in layers) + gaussian
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -171,6 +200,7 @@ class TrainConfig:
     activation: str | None = None
     likelihood: str | None = None
     beta: float | None = None
+    model: str | None = None  # "vae" | "ae" (None: the preset's, "vae")
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded only
 
     def __post_init__(self) -> None:
@@ -182,7 +212,7 @@ class TrainConfig:
             self.binarize = defaults.get("binarize", False)
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         _check_int("kl_warmup_steps", self.kl_warmup_steps, 0)
         _check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
@@ -205,12 +235,44 @@ class TrainConfig:
             raise FastVAEError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise FastVAEError("--resume and --overwrite exclude each other")
+        for name in ("binarize", "resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise FastVAEError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("engine", "cuda_graph"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise FastVAEError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
+        for name in ("preset", "data", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise FastVAEError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.out is not None and not isinstance(self.out, str):
+            raise FastVAEError(f"out must be a path string, got {self.out!r}")
         self.model_config()  # validates the overrides
+        if self.model_config().is_ae:
+            ae_unused = {"free_bits": self.free_bits > 0, "kl_warmup_steps": self.kl_warmup_steps > 0,
+                         "kl_warmup_epochs": self.kl_warmup_epochs > 0}  # fmt: skip
+            bad = [k for k, v in ae_unused.items() if v]
+            if bad:
+                verb = "does" if len(bad) == 1 else "do"
+                raise FastVAEError(
+                    f"the autoencoder (model 'ae') has no KL term: {', '.join(bad)} {verb} not apply"
+                )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A TrainConfig from a run's recorded ``train`` section (unknown keys and wrong types refused)."""
+        if not isinstance(d, dict):
+            raise FastVAEError(f"a training config must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise FastVAEError(f"unknown training config key(s): {', '.join(unknown)}")
+        if not isinstance(d.get("extra", {}), dict):
+            raise FastVAEError("extra must be an object")
+        return cls(**d)
 
     def model_config(self, data_shape: tuple[int, ...] | None = None) -> VAEConfig:
         changes = {
             k: getattr(self, k)
-            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta")
+            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta", "model")
             if getattr(self, k) is not None
         }
         if data_shape is not None:
@@ -228,6 +290,7 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_int(name: str, v: object, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise FastVAEError(f"{name} must be an integer >= {lo}, got {v!r}")
+def _check_int(name: str, v: object, lo: int, hi: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise FastVAEError(f"{name} must be an integer {bound}, got {v!r:.40}")

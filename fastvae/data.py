@@ -6,6 +6,7 @@ uint8 data stays uint8 there (4x less memory) and is scaled to [0, 1] per batch.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,9 @@ def load_dataset(source: str = "mnist", likelihood: str = "bernoulli") -> Datase
         x_test = validate_array(arrays["x_test"], likelihood, f"{path}[x_test]")
         if x_train.shape[1:] != x_test.shape[1:]:
             raise FastVAEError(f"{path}: x_train and x_test differ in sample shape")
-        return Dataset(path.name, x_train, x_test, arrays.get("y_train"), arrays.get("y_test"))
+        y_train = validate_labels(arrays.get("y_train"), len(x_train), f"{path}[y_train]")
+        y_test = validate_labels(arrays.get("y_test"), len(x_test), f"{path}[y_test]")
+        return Dataset(path.name, x_train, x_test, y_train, y_test)
     if len(arrays) != 1:
         raise FastVAEError(
             f"{path}: expected one array, or x_train and x_test, found {', '.join(sorted(arrays)) or 'none'}"
@@ -85,16 +88,21 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise FastVAEError(f"{path}: no such data file")
     if path.is_dir():
         raise FastVAEError(f"{path}: is a directory, expected a .npy or .npz file")
+    if not path.is_file():  # a FIFO or a device: a read would block or never end
+        raise FastVAEError(f"{path}: not a regular file, expected a .npy or .npz file")
+    if path.suffix not in (".npy", ".npz"):
+        raise FastVAEError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .npy or .npz")
     try:
-        if path.suffix == ".npy":
-            return {"x": np.load(path, allow_pickle=False)}
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError) as exc:  # truncated, pickled or not an array file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # .npy content, whatever the name says
+            return {"x": loaded}
+        with loaded as f:
+            return {k: f[k] for k in f.files}
+    except MemoryError:
+        raise FastVAEError(f"{path}: the arrays do not fit in memory") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # truncated, pickled, foreign
         raise FastVAEError(f"{path}: not a readable NumPy file ({first})") from None
-    raise FastVAEError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .npy or .npz")
 
 
 def validate_array(x: np.ndarray, likelihood: str, name: str) -> np.ndarray:
@@ -133,6 +141,20 @@ def validate_array(x: np.ndarray, likelihood: str, name: str) -> np.ndarray:
                 f"{name}: values must lie in [0, 1] for a Bernoulli likelihood, found {lo:g}..{hi:g}"
             )
     return x
+
+
+def validate_labels(y: np.ndarray | None, n: int, name: str) -> np.ndarray | None:
+    """Labels (n,) as int64, or None when absent; one clear error for any other shape or type."""
+    if y is None:
+        return None
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or len(y) != n:
+        shape = getattr(y, "shape", None)
+        raise FastVAEError(f"{name}: expected {n} labels in a 1-D array (one per sample), got shape {shape}")
+    if y.dtype == np.bool_ or np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+        return y.astype(np.int64)
+    raise FastVAEError(f"{name}: labels must be integers, got dtype {y.dtype}")
 
 
 def unit_float(x: np.ndarray) -> np.ndarray:

@@ -68,18 +68,22 @@ class FusedVAE(ReferenceVAE):
     def fused_terms(
         self, x: Tensor, eps: Tensor | None = None, *, beta: float | Tensor | None = None, row_offset: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """(per-sample rec + beta * KL (B,), KL (B,)) through the kernels; eps None draws it in-kernel."""
+        """(per-sample rec + beta * KL (B,), KL (B,)) through the kernels; eps None draws it in-kernel.
+        The autoencoder is the same forward with eps = 0 and beta = 0, giving (rec (B,), zeros (B,))."""
         from fastvae.kernels.vae import fused_negative_elbo
 
         x = x.flatten(1)
         if not kernels_can_run(x.device):
             raise RuntimeError(f"FusedVAE needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {x.device}")
         cfg = self.config
+        if cfg.is_ae:
+            eps, beta = torch.zeros(x.shape[0], cfg.latent_dim, device=x.device), 0.0
         params = [p for name, p in self.named_parameters() if name != "output_logvar"]
-        return fused_negative_elbo(
+        loss, kl = fused_negative_elbo(
             x, params, cfg.hidden_dims, cfg.latent_dim, cfg.activation, self._beta(beta, x.device), self.rng_state,
             eps, row_offset,
         )  # fmt: skip
+        return (loss, torch.zeros_like(kl)) if cfg.is_ae else (loss, kl)
 
     def can_fuse(self, x: Tensor, free_bits: float = 0.0) -> str | None:
         """None when :meth:`objective` runs on the kernels for this input; else why it cannot."""

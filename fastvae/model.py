@@ -4,10 +4,15 @@ Kingma & Welling, "Auto-Encoding Variational Bayes" (2013). The encoder gives q(
 exp(logvar)); z = mu + exp(0.5 logvar) * eps with eps ~ N(0, I) (the reparameterization trick); the
 decoder gives p(x|z), Bernoulli (logits) or Gaussian (mean, learned per-pixel log-variance); the prior
 is N(0, I).
+
+With ``config.model == "ae"`` the same networks form a deterministic autoencoder: z = mu(x) (no noise),
+the loss is -log p(x|z) alone (no KL), and ``sample`` still decodes z ~ N(0, I), which is the comparison
+the VAE is taught with: nothing asks an autoencoder's codes to fill N(0, I).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvae.config import VAEConfig
+from fastvae.errors import FastVAEError
 
 LOG_2PI = math.log(2.0 * math.pi)
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -106,6 +112,8 @@ class ReferenceVAE(nn.Module):
         towards the prior, and the batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
         """
         rec, kl = self.elbo_terms(x, eps)  # (B,), (B, Z)
+        if self.config.is_ae:  # no KL term: nothing to weight or floor
+            return Objective(rec, rec, kl.sum(-1), kl)
         beta = self.config.beta if beta is None else beta
         charged = kl
         if free_bits > 0:
@@ -133,9 +141,12 @@ class ReferenceVAE(nn.Module):
 
     # ---- pieces ----------------------------------------------------------------------------------
     def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw."""
+        """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw; for the
+        autoencoder, -log p(x|mu(x)) and zeros (``eps`` is ignored)."""
         x = x.flatten(1)
         mu, logvar = self.encode(x)
+        if self.config.is_ae:
+            return self.reconstruction_nll(x, self.decode(mu)), torch.zeros_like(mu)
         if eps is None:
             eps = torch.randn_like(mu)
         z = self.reparameterize(mu, logvar, eps)
@@ -187,6 +198,10 @@ class ReferenceVAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.config.is_ae:
+            raise FastVAEError(
+                "the importance-weighted bound is undefined for an autoencoder (no q(z|x) to sample)"
+            )
         x = x.flatten(1)
         b, z_dim = x.shape[0], self.config.latent_dim
         encode = lambda xb: torch.cat(self.encode(xb), -1)  # noqa: E731
@@ -202,8 +217,7 @@ class ReferenceVAE(nn.Module):
                 eps = noise(start, c).to(device=x.device, dtype=mu.dtype)
             eps = eps.transpose(0, 1)  # (B, c, Z)
             z = mu[:, None] + std[:, None] * eps  # (B, c, Z)
-            log_q = -0.5 * (eps.pow(2) + logvar[:, None] + LOG_2PI).sum(-1)  # (B, c)
-            log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+            log_ratio = functools.partial(iw_log_weights, z=z, eps=eps, logvar=logvar[:, None])
             z = F.pad(z, (0, 0, 0, draws - c))  # (B, draws, Z): every block holds `draws` draws per row
 
             def log_lik(zb: Tensor, xb: Tensor) -> Tensor:  # (G, draws, Z), (G, D) -> (G, draws)
@@ -212,8 +226,22 @@ class ReferenceVAE(nn.Module):
                 return -self.reconstruction_nll(xb.repeat_interleave(draws, 0), out).view(g, draws)
 
             lik = fixed_row_blocks(log_lik, z, x, rows=IW_GROUP, offset=row_offset)[:, :c]
-            log_w[:, start : start + c] = lik + log_prior - log_q
-        return -(torch.logsumexp(log_w, dim=1) - math.log(k)).to(mu.dtype)
+            log_w[:, start : start + c] = log_ratio(lik)
+        return iw_nll(log_w).to(mu.dtype)
+
+
+def iw_log_weights(log_lik: Tensor, z: Tensor, eps: Tensor, logvar: Tensor) -> Tensor:
+    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for draws z_i = mu + exp(logvar / 2) * eps_i: ``log_lik``
+    (B, K), ``z`` and ``eps`` (B, K, Z), ``logvar`` (B, 1, Z). The importance weights of
+    :meth:`ReferenceVAE.importance_weighted_bound` and of the exported scorer."""
+    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (B, K)
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    return log_lik + log_prior - log_q
+
+
+def iw_nll(log_w: Tensor) -> Tensor:
+    """-log (1/K) sum_i w_i from log-weights (B, K): the K-sample importance-weighted NLL, (B,)."""
+    return -(torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1]))
 
 
 def fixed_row_blocks(

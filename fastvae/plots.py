@@ -56,3 +56,53 @@ def score_histogram(
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def compare_figure(summaries: list, out: str | Path) -> None:
+    """One column per run (``fastvae.compare.RunSummary``): 8x8 prior samples, the interpolations, and
+    the test posterior means where Z = 2 with the prior's 2-sigma circle; quality scores in the titles."""
+    from fastvae.images import grid_array
+    from fastvae.quality import ROWS
+
+    plt = _pyplot()
+    k, maps = len(summaries), any(s.codes is not None for s in summaries)
+    ratios = [4, 1.6, 3.6] if maps else [4, 1.6, 0.3]  # no run with Z = 2: only a line of text there
+    fig, axes = plt.subplots(
+        3, k, figsize=(4.2 * k, 9.2 + 3.3 * maps), dpi=100, gridspec_kw={"height_ratios": ratios}
+    )
+    axes = np.asarray(axes).reshape(3, k)
+    for col, s in enumerate(summaries):
+        prior = s.quality.rows.get(ROWS[0])
+        score = "" if prior is None else f"\nMNIST-FD {prior.mnist_fd:.1f}, confidence {prior.confidence:.2f}"
+        ax = axes[0, col]
+        ax.imshow(grid_array(s.samples, s.data_shape, 8), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{s.name}: {s.kind}, Z = {s.latent_dim}\nprior samples{score}", fontsize=9)
+        ax = axes[1, col]
+        per_row = len(s.interpolations) // 3
+        ax.imshow(grid_array(s.interpolations, s.data_shape, per_row, pad=1), cmap="gray", vmin=0, vmax=255)
+        mid = s.quality.rows.get(ROWS[1])
+        extra = "" if mid is None else f" (midpoints: MNIST-FD {mid.mnist_fd:.1f})"
+        ax.set_title(f"interpolations, same test pairs{extra}", fontsize=9)
+        _latent_panel(plt, axes[2, col], s)
+    for ax in axes[:2].ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _latent_panel(plt, ax, s) -> None:
+    if s.codes is None:
+        ax.text(0.5, 0.5, f"Z = {s.latent_dim}: no 2-D latent map", ha="center", va="center", fontsize=10)
+        ax.set_axis_off()
+        return
+    c = s.codes
+    colours = None if s.labels is None else [plt.cm.tab10(int(v) % 10) for v in s.labels]
+    ax.scatter(c[:, 0], c[:, 1], s=2, alpha=0.5, c=colours)
+    t = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(2 * np.cos(t), 2 * np.sin(t), "k--", lw=1, label="N(0, I) 2-sigma")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"test codes mu(x), coloured by label\n(x {c[:, 0].min():.0f}..{c[:, 0].max():.0f}, "
+                 f"y {c[:, 1].min():.0f}..{c[:, 1].max():.0f})", fontsize=9)  # fmt: skip

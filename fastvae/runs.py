@@ -12,8 +12,8 @@ Files of a run (``fastvae.checkpoint`` writes them atomically)::
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +36,29 @@ IMAGE_FILES = ("samples.png", "reconstructions.png")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> tuple[VAEConfig, dict[str, Any]]:
-    """(model config, the whole config.json) of a run directory."""
+    """(model config, the whole config.json) of a run directory, its checksum and both sections checked."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FastVAEError(f"{run_dir}: no such run directory")
-    doc = read_json(run_dir / CONFIG_FILE, "run config")
-    if not isinstance(doc, dict) or "model" not in doc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: not a fastvae run config (no 'model' section)")
+    path = run_dir / CONFIG_FILE
+    doc = read_json(path, "run config")
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise FastVAEError(f"{path}: not a fastvae run config (no 'model' section)")
+    if doc.get("config_sha256") != ckpt.config_checksum(doc):
+        what = (
+            "has no checksum" if "config_sha256" not in doc else "does not match its checksum (it was edited)"
+        )
+        raise FastVAEError(f"{path}: {what}; refusing an unverified run config")
     try:
-        return VAEConfig.from_dict(doc["model"]), doc
+        config = VAEConfig.from_dict(doc["model"])
+        if not isinstance(doc.get("train", {}), dict):
+            raise FastVAEError("the 'train' section is not an object")
+        TrainConfig.from_dict(doc.get("train", {}))
     except TypeError as exc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: bad model config ({exc})") from None
+        raise FastVAEError(f"{path}: bad config ({exc})") from None
     except FastVAEError as exc:
-        raise FastVAEError(f"{run_dir / CONFIG_FILE}: {exc}") from None
+        raise FastVAEError(f"{path}: {exc}") from None
+    return config, doc
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch"):
@@ -101,31 +111,50 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", dat
     )  # fmt: skip
 
 
-def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
-    """The run directory, and whether this run resumes one. Every rank decides before the barrier, so
-    no rank can see files that rank 0 writes after it."""
+def prepare_run_dir(cfg: TrainConfig, info: DistInfo, hold: list[Any]) -> tuple[Path, bool]:
+    """The run directory, and whether this run resumes one. Rank 0 locks it and appends the lock to
+    ``hold`` (closing it releases the lock). Every rank decides before the barrier, so no rank can see
+    files that rank 0 writes after it."""
     out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
     if out.exists() and not out.is_dir():
         raise FastVAEError(f"{out}: exists and is not a directory")
-    if not cfg.resume and has_run:
-        if not cfg.overwrite:
-            raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
-        if info.is_main:
-            import shutil
-
-            for name in (ckpt.CHECKPOINT_DIR,):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.METRICS_FILE, *IMAGE_FILES):
-                (out / name).unlink(missing_ok=True)
+    has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
+    if not cfg.resume and has_run and not cfg.overwrite:
+        raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        hold.append(_lock(out))  # before --overwrite deletes anything: never another live training's files
+        if not cfg.resume and has_run:
+            shutil.rmtree(out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
+            for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.METRICS_FILE, *IMAGE_FILES):
+                (out / name).unlink(missing_ok=True)
     info.barrier()
     return out, cfg.resume and bool(ckpt.list_checkpoints(out))  # killed before a checkpoint: start over
 
 
-def trim_metrics(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """Keep the metrics of epochs the checkpoint covers (a later line may come from a lost epoch)."""
+LOCK_FILE = ".lock"
+
+
+def _lock(run_dir: Path) -> Any:
+    """An exclusive lock on the run directory for this process's lifetime, or one clear error: two
+    trainings into one directory would interleave metrics and overwrite each other's weights."""
+    import fcntl
+
+    f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115: held open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise FastVAEError(f"{run_dir}: another training is writing to this run directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def trim_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the metrics lines the checkpoint of ``step`` covers (a later one may come from lost steps)."""
     path = run_dir / ckpt.METRICS_FILE
     if not path.exists():
         return []
@@ -135,7 +164,8 @@ def trim_metrics(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if rec.get("epoch", math.inf) <= epochs_done:
+        step_of = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step_of, int) and not isinstance(step_of, bool) and step_of <= step:
             kept.append(rec)
     ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return kept

@@ -112,6 +112,14 @@ def roc_auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return float((ranks[n_n:].sum() - n_a * (n_a + 1) / 2) / (n_a * n_n))
 
 
+def usage_per_dim(model: torch.nn.Module, x: Tensor) -> list[float]:
+    """How much the model uses each latent dimension on the rows of x: the mean KL for a VAE, the variance
+    of the codes mu(x) for the autoencoder (its KL is zero)."""
+    if model.config.is_ae:
+        return posterior_means(model, x).double().var(0).tolist()
+    return kl_per_dim_on(model, x)
+
+
 def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
     """Mean KL of each latent dimension over the rows of x."""
     from fastvae.data import DeviceData
@@ -121,15 +129,15 @@ def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
 
 
 def write_scores_csv(path: str, nelbo: np.ndarray, iw: np.ndarray, k: int) -> None:
-    """index, -ELBO and k-sample IW NLL per row, as CSV, written atomically."""
+    """index, -ELBO and (k > 0) the k-sample IW NLL per row, as CSV, written atomically."""
     import csv
     import io
 
-    from fastvae.checkpoint import atomic_write_bytes
+    from fastvae.atomic import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["index", "neg_elbo", f"iw_nll_k{k}"])
+    w.writerow(["index", "neg_elbo", *([f"iw_nll_k{k}"] if k else [])])
     for i, (e, q) in enumerate(zip(nelbo, iw)):
-        w.writerow([i, f"{e:.4f}", f"{q:.4f}"])
+        w.writerow([i, f"{e:.4f}", *([f"{q:.4f}"] if k else [])])
     atomic_write_bytes(path, buf.getvalue().encode())

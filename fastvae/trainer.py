@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +32,17 @@ from fastvae.config import TrainConfig
 from fastvae.data import DeviceData, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
 from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, Preempted
 from fastvae.evaluate import elbo_stats
 from fastvae.runs import append_metrics, prepare_run_dir, read_run_config, trim_metrics, write_images
 from fastvae.schedules import epoch_permutation, kl_beta, sample_ids, scheduled_lr, step_noise
 
 # The engine reads its loss back (one host sync) every this many steps, and checks it is finite.
 ENGINE_CHECK_EVERY = 100
+# What --resume must not change: each one alters the batches, the noise or the updates of later steps.
+RESUME_FIXED = ("preset", "data", "seed", "batch_size", "lr", "lr_schedule", "binarize", "kl_warmup_steps",
+                "kl_warmup_epochs", "free_bits", "dtype", "backend", "hidden_dims", "latent_dim", "activation",
+                "likelihood", "beta")  # fmt: skip
 # The time limit is looked at every this many steps (a clock read is cheap, but not free on a GPU loop).
 TIME_CHECK_EVERY = 50
 
@@ -82,6 +88,13 @@ class _Timer:
             b.synchronize()
             return self._a.elapsed_time(b) / 1000.0
         return time.perf_counter() - self._t
+
+
+def _figure_line(model_cfg, stats) -> str:
+    """The epoch line's test figure: the -ELBO for a VAE, the reconstruction NLL for the autoencoder."""
+    if model_cfg.is_ae:
+        return f"test rec NLL {stats.rec:.3f} nats (autoencoder: no KL)"
+    return f"test -ELBO {stats.neg_elbo:.3f} nats  (KL {stats.kl:.2f}, {stats.active_units} active)"
 
 
 # ---- the two steps --------------------------------------------------------------------------------------
@@ -176,20 +189,53 @@ class _EngineStep:
 
 # ---- the run: setup, epochs, epoch end -----------------------------------------------------------------
 def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
-    """Train a VAE; see :class:`TrainConfig` for the settings (keyword overrides are applied to it)."""
+    """Train a VAE; see :class:`TrainConfig` for the settings (keyword overrides are applied to it).
+
+    SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) ends the current step, writes a checkpoint and
+    raises :class:`Preempted`; a second signal interrupts at once."""
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     info = setup(cfg.device)
+    locks: list[Any] = []  # the run directory's lock, held while this training runs
     try:
-        return _Run(cfg, info).train()
+        with _StopSignals() as stop:
+            return _Run(cfg, info, stop, locks).train()
     finally:
+        for lock in locks:
+            lock.close()
         teardown(info)
 
 
+class _StopSignals:
+    """Turns the first SIGTERM / SIGINT into a request the step loop honours; a second one raises
+    KeyboardInterrupt as usual. Installed only from the main thread (signals reach no other)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
 class _Run:
-    def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, stop: _StopSignals, locks: list[Any]) -> None:
         """Setup: check the options against the device, load the data, build the model and optimizer,
         and restore the newest checkpoint when resuming."""
-        self.cfg, self.info, self.device = cfg, info, info.device
+        self.cfg, self.info, self.device, self.stop = cfg, info, info.device, stop
         self.backend = resolve_backend(cfg.backend, self.device)
         if cfg.batch_size % info.world_size:
             raise FastVAEError(f"batch_size {cfg.batch_size} must divide evenly over {info.world_size} ranks")
@@ -206,7 +252,7 @@ class _Run:
         self.warmup = cfg.kl_warmup_steps or cfg.kl_warmup_epochs * self.steps_per_epoch
         use_engine, use_graph = self._step_kind()
         set_matmul_precision(cfg.dtype)
-        self.run_dir, resuming = prepare_run_dir(cfg, info)
+        self.run_dir, resuming = prepare_run_dir(cfg, info, locks)
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = make_model(self.model_cfg, backend=self.backend, device=self.device)
         self.opt = make_optimizer(self.model, cfg.lr, cuda_graph=use_graph)
@@ -220,7 +266,7 @@ class _Run:
         if resuming:
             self._resume()
         elif info.is_main:
-            ckpt.atomic_write_json(self.run_dir / ckpt.CONFIG_FILE, self.doc)
+            ckpt.write_run_config(self.run_dir, self.doc)
         self.train_data = DeviceData(data.x_train, self.device)
         self.test_data = DeviceData(data.x_test, self.device)
         self.params = list(self.model.parameters())
@@ -249,11 +295,12 @@ class _Run:
         return use_engine, use_graph
 
     def _resume(self) -> None:
-        old_model, _ = read_run_config(self.run_dir)
+        old_model, old_doc = read_run_config(self.run_dir)
         if old_model != self.model_cfg:
             raise FastVAEError(
                 f"{self.run_dir}: the run was trained with a different model config; cannot resume"
             )
+        self._check_same_recipe(old_doc.get("train", {}))
         state = ckpt.restore_latest(self.run_dir, self.model, self.opt)
         self.step, self.epoch_loss, self.epoch_seconds = (
             state["step"],
@@ -263,8 +310,23 @@ class _Run:
         self.epoch_steps = state["epoch_steps"]
         if self.info.is_main:
             tqdm.write(f"fastvae: resuming {self.run_dir} from step {self.step}", file=sys.stderr)
-            self.metrics = trim_metrics(self.run_dir, self.step // self.steps_per_epoch)
+            self.metrics = trim_metrics(self.run_dir, self.step)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+
+    def _check_same_recipe(self, old: dict[str, Any]) -> None:
+        """Refuse a resume whose settings would not continue the recorded run exactly: a changed lr, seed,
+        batch or data would silently make a run that matches neither its record nor any fresh run."""
+        fixed = list(RESUME_FIXED)
+        if self.cfg.lr_schedule != "constant":  # the schedule's length is part of it
+            fixed += ["epochs", "max_steps"]
+        new = self.cfg.to_dict()
+        changed = [k for k in fixed if k in old and old[k] != new[k]]
+        if changed:
+            parts = ", ".join(f"{k} {new[k]!r} (the run has {old[k]!r})" for k in changed)
+            raise FastVAEError(
+                f"{self.run_dir}: --resume with a different {parts}; an exact resume needs the run's own "
+                "settings (start a new run to change them)"
+            )
 
     def beta_at(self, step: int) -> float:
         return kl_beta(self.warmup, self.model_cfg.beta, step)
@@ -314,6 +376,9 @@ class _Run:
             self.stepper.step(i, self.step)
             self.step += 1
             self.epoch_steps += 1
+            if self._stop_requested():
+                bar.close()
+                self._preempt()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step % spe:
                 self._collect()
                 self._save()
@@ -325,6 +390,27 @@ class _Run:
         self._collect()
         if self.step % spe == 0 or self.step == self.total_steps:
             self._end_epoch(epoch)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal: under DDP all ranks agree, so all stop at the same step."""
+        if not self.info.enabled:
+            return self.stop.signum is not None
+        flag = torch.tensor([float(self.stop.signum or 0)], device=self.device)
+        self.info.all_reduce_sum(flag)
+        if flag.item() and self.stop.signum is None:
+            self.stop.signum = signal.SIGTERM  # a peer was signalled
+        return bool(flag.item())
+
+    def _preempt(self) -> None:
+        """Checkpoint the step just finished and stop with the command that resumes it."""
+        self._collect()
+        self._save()
+        name = signal.Signals(self.stop.signum).name
+        raise Preempted(
+            f"stopped by {name} after step {self.step}; checkpoint saved in {self.run_dir / ckpt.CHECKPOINT_DIR}: "
+            "run the same command with --resume to continue exactly",
+            self.stop.signum,
+        )
 
     def _collect(self) -> None:
         """Fold the steps since the last call into the epoch's loss and time."""
@@ -357,7 +443,7 @@ class _Run:
             append_metrics(self.run_dir, rec)
             self.say(
                 f"epoch {epoch + 1:3d}  step {self.step:7d}  train {rec['train_loss']:.3f}  "
-                f"test -ELBO {stats.neg_elbo:.3f} nats  (KL {stats.kl:.2f}, {stats.active_units} active)  "
+                f"{_figure_line(self.model_cfg, stats)}  "
                 f"{seconds:.1f}s  {rec['samples_per_s']:,.0f} samples/s"
             )
         self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0.0, 0.0, 0

@@ -14,8 +14,9 @@ import torch
 
 from fastvae import TrainConfig, load_model, train
 from fastvae.errors import FastVAEError
-from fastvae.export import Sampler, export_decoder
+from fastvae.export import Sampler, export_decoder, export_parts
 from fastvae.export import onnx_export as ox
+from fastvae.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,8 +139,9 @@ def test_sampler_cli_without_torch(onnx_path, tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("FASTVAE_SKIP_VENV") == "1", reason="FASTVAE_SKIP_VENV=1")
-def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(onnx_path, tmp_path):
-    """The deployment story: a fresh venv with numpy, onnxruntime and Pillow, fastvae installed --no-deps."""
+def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(run_dir, onnx_path, tmp_path):
+    """The deployment story: a fresh venv with numpy, onnxruntime and Pillow, fastvae installed --no-deps;
+    the sampler, the encoder and the scorer run there."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = str(env_dir / "bin" / "python")
@@ -165,4 +167,19 @@ def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(onnx_path, tmp_pat
     code = ("import sys, fastvae.export.sample as s; s.Sampler(sys.argv[1]).sample(4, 0);"
             "assert 'torch' not in sys.modules; print('ok')")  # fmt: skip
     out = subprocess.run([py, "-c", code, str(onnx_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "ok", out.stderr
+    # the encoder and the scorer (with IW) too, on a .npy of uint8 images
+    enc, sc = (export_parts(run_dir, tmp_path / f"{p}.onnx", p, iw=4 if p == "scorer" else 0)[0].path
+               for p in ("encoder", "scorer"))  # fmt: skip
+    x = (load_run(run_dir).test_images(0, 9, raw=True).numpy() * 255).round().astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    for module, model, out_file in (("encode", enc, "mu.npy"), ("score", sc, "s.csv")):
+        proc = subprocess.run([py, "-m", f"fastvae.export.{module}", str(model), str(tmp_path / "x.npy"), "--out",
+                               str(tmp_path / out_file)], capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "mu.npy").shape == (9, 4)
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "index,neg_elbo,rec,kl,iw_nll"
+    code = ("import sys, numpy as np, fastvae.export as e; e.Scorer(sys.argv[1]).score(np.zeros((2, 64)));"
+            "e.Encoder(sys.argv[2]).encode(np.zeros((2, 64))); assert 'torch' not in sys.modules; print('ok')")  # fmt: skip
+    out = subprocess.run([py, "-c", code, str(sc), str(enc)], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "ok", out.stderr

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastvae import ReferenceVAE, TrainConfig, load_model, train
-from fastvae.checkpoint import list_checkpoints, load_checkpoint
+from fastvae.checkpoint import config_checksum, list_checkpoints, load_checkpoint
 from fastvae.errors import FastVAEError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -119,12 +119,21 @@ def test_loading_rejects_mismatched_or_unknown_config(tmp_path, tiny_npz):
     train(_small(tmp_path, tiny_npz, epochs=1))
     run = tmp_path / "run"
     doc = json.loads((run / "config.json").read_text())
+
+    def write(d, seal=True):  # sealed: as if written by fastvae, so the checks behind the checksum run
+        (run / "config.json").write_text(
+            json.dumps({**d, "config_sha256": config_checksum(d)} if seal else d)
+        )
+
     bad = {**doc, "model": {**doc["model"], "latent_dim": 5}}
-    (run / "config.json").write_text(json.dumps(bad))
+    write(bad, seal=False)
+    with pytest.raises(FastVAEError, match="does not match its checksum"):
+        load_model(run)
+    write(bad)
     with pytest.raises(FastVAEError, match="do not match the config"):
         load_model(run)
     bad = {**doc, "model": {**doc["model"], "dropout": 0.5}}
-    (run / "config.json").write_text(json.dumps(bad))
+    write(bad)
     with pytest.raises(FastVAEError, match="unknown config key"):
         load_model(run)
     (run / "config.json").write_text("{not json")
@@ -147,3 +156,72 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_npz):
 def test_resume_without_a_run_starts_one(tmp_path, tiny_npz):
     res = train(_small(tmp_path, tiny_npz, epochs=1, resume=True))
     assert res.step == 10 and Path(res.out, "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_checkpoints_and_resumes_exactly(tmp_path, uninterrupted, sig):
+    """A cluster's SIGTERM (or Ctrl-C): the step finishes, a checkpoint is written, one line says how to
+    resume, the exit status is 128 + signal, and --resume ends bit-identical to an uninterrupted run."""
+    out = tmp_path / "run"
+    ckdir = out / "checkpoints"
+    proc = _fastvae([*RUN_ARGS, "--out", out])
+    _wait_for(lambda: ckdir.is_dir() and any(p.name.startswith("step-") for p in ckdir.iterdir()))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("fastvae: error: stopped by") and "--resume" in lines[-1], err
+    assert "Traceback" not in err
+    step = int(lines[-1].split("after step ")[1].split(";")[0])
+    assert step < 240 and list_checkpoints(out)[-1].name == f"step-{step:09d}"
+    _finish(_fastvae([*RUN_ARGS, "--out", out, "--resume"]))
+    resumed = load_file(out / "model.safetensors")
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_two_trainings_cannot_share_a_run_directory(tmp_path):
+    out = tmp_path / "run"
+    env = {**ENV, "FASTVAE_CHECKPOINT_PAUSE": "0.5"}  # keeps the first one busy for a while
+    first = _fastvae([*RUN_ARGS, "--out", out], env=env)
+    _wait_for(lambda: (out / ".lock").exists() and (out / "config.json").exists())
+    second = _fastvae([*RUN_ARGS, "--out", out, "--resume"])
+    _, err = second.communicate(timeout=120)
+    first.kill()
+    first.wait()
+    assert second.returncode == 2 and err.strip().splitlines() == [
+        f"fastvae: error: {out}: another training is writing to this run directory"
+    ]
+
+
+@pytest.mark.parametrize(
+    "change", [{"lr": 0.01}, {"seed": 1}, {"batch_size": 25}, {"binarize": True}, {"free_bits": 0.1}]
+)
+def test_resume_refuses_settings_that_break_exact_resume(tmp_path, tiny_npz, change):
+    train(_small(tmp_path, tiny_npz, epochs=1))
+    with pytest.raises(FastVAEError, match=f"different {next(iter(change))}"):
+        train(_small(tmp_path, tiny_npz, epochs=2, resume=True, **change))
+
+
+def test_resume_of_a_finished_run_keeps_its_metrics(tmp_path, tiny_npz):
+    """A run that ended mid-epoch (max_steps): resuming it again changes nothing on record."""
+    first = train(_small(tmp_path, tiny_npz, epochs=3, max_steps=15))
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())
+    again = train(_small(tmp_path, tiny_npz, epochs=3, max_steps=15, resume=True))
+    assert again.metrics == first.metrics and len(again.metrics) == 2
+    assert (
+        json.loads((tmp_path / "run" / "config.json").read_text())["final_test_neg_elbo"]
+        == doc["final_test_neg_elbo"]
+        is not None
+    )
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.8])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
+    """SIGINT while modules import, parse or set up: exit 130 (or the preemption's 130), no traceback."""
+    proc = _fastvae([*RUN_ARGS, "--out", tmp_path / "run"])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert err.strip().splitlines()[-1].startswith("fastvae: error:")

@@ -1,0 +1,214 @@
+"""Shared pieces of the torch-free runtimes (``Encoder``, ``Scorer``): numpy, onnxruntime and Pillow only.
+
+Opening a fastvae ONNX part with the sampler's CPU session options, and reading inputs: a ``.npy`` array,
+an ``.npz`` archive (its ``x``, ``x_test`` or only array) or a folder of PNG images, as (N, D) float32 in
+[0, 1] (uint8 pixels are divided by 255, as fastvae's ``unit_float`` does).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastvae.atomic import atomic_write_bytes, check_writable
+from fastvae.errors import FastVAEError
+
+REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
+NPZ_KEYS = ("x", "x_test")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads counted once), from /proc/cpuinfo on Linux."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    try:
+        cores, phys, core = set(), None, None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not line.strip() and core is not None:
+                cores.add((phys, core))
+                phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        if cores:
+            return max(1, min(allowed, len(cores)))
+    except OSError:
+        pass
+    return max(1, allowed)
+
+
+class OnnxPart:
+    """A fastvae ONNX part (``part`` metadata) in an onnxruntime CPU session."""
+
+    part = ""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FastVAEError(f"{path}: no such model file")
+        if threads is not None and threads < 1:
+            raise FastVAEError(f"threads must be >= 1, got {threads}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise FastVAEError(
+                f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:160]})"
+            ) from None
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        missing = [k for k in REQUIRED_METADATA if k not in meta]
+        if missing:
+            raise FastVAEError(f"{path}: not a fastvae {self.part} (metadata lacks {', '.join(missing)})")
+        part = meta.get("part", "decoder")
+        if part != self.part:
+            raise FastVAEError(
+                f"{path}: a fastvae {part}, not a {self.part} (export it with --part {self.part})"
+            )
+        self.path = path
+        self.metadata = meta
+        self.threads = opts.intra_op_num_threads
+        self.latent_dim, self.data_shape = _sizes(path, meta)
+        self.in_dim = int(np.prod(self.data_shape))
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph's own inputs and outputs agree with the metadata: a forged ``latent_dim`` or
+        ``data_shape`` would otherwise fail deep inside onnxruntime, or draw the wrong images."""
+        first_in = self.latent_dim if self.part == "decoder" else self.in_dim
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        if not ins or len(ins) > 3:
+            raise FastVAEError(f"{self.path}: expected 1 to 3 graph inputs, found {len(ins)}")
+        for arg in (*ins, *outs):
+            if arg.type != "tensor(float)":
+                raise FastVAEError(f"{self.path}: graph {arg.name!r} is {arg.type}, expected tensor(float)")
+        for arg, width in (
+            (ins[0], first_in),
+            *((o, self.in_dim) for o in outs[:1] if self.part == "decoder"),
+        ):
+            last = arg.shape[-1] if arg.shape else None
+            if isinstance(last, int) and last != width:
+                raise FastVAEError(
+                    f"{self.path}: graph {arg.name!r} has width {last}, the metadata says {width}"
+                )
+
+    def check_x(self, x: np.ndarray) -> np.ndarray:
+        """x (N, D) or (N, *data_shape) as contiguous float32 (N, D), validated."""
+        x = np.asarray(x)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / np.float32(255.0)
+        if x.ndim < 2 or int(np.prod(x.shape[1:])) != self.in_dim:
+            raise FastVAEError(
+                f"x must have shape (N, {self.in_dim}) or (N, *{self.data_shape}), got {x.shape}"
+            )
+        x = np.ascontiguousarray(x.reshape(len(x), self.in_dim), dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise FastVAEError("x holds NaN or infinite values")
+        if (
+            self.metadata.get("likelihood", "bernoulli") == "bernoulli"
+            and x.size
+            and (x.min() < 0 or x.max() > 1)
+        ):
+            raise FastVAEError(
+                f"x must lie in [0, 1] for a Bernoulli model, got [{x.min():.3g}, {x.max():.3g}]"
+            )
+        return x
+
+
+MAX_WIDTH = 1 << 26  # features or latents per sample: 64 M, beyond any model worth exporting
+
+
+def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
+    """(latent_dim, data_shape) from the metadata, each checked: positive, sane and well-formed."""
+    try:
+        latent = int(meta["latent_dim"])
+        shape = tuple(json.loads(meta["data_shape"]))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise FastVAEError(f"{path}: malformed latent_dim or data_shape metadata") from None
+    ok_shape = shape and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    if not 0 < latent <= MAX_WIDTH or not ok_shape or int(np.prod(shape, dtype=np.float64)) > MAX_WIDTH:
+        raise FastVAEError(f"{path}: implausible metadata latent_dim={latent!r:.20} data_shape={shape!r:.40}")
+    return latent, shape
+
+
+def read_inputs(path: str | os.PathLike) -> np.ndarray:
+    """(N, ...) array from a .npy file, a .npz archive or a folder of PNG images (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+        if not files:
+            raise FastVAEError(f"{path}: no .png files in this folder")
+        try:
+            imgs = [np.asarray(Image.open(p).convert("L")) for p in files]
+        except Exception as exc:
+            raise FastVAEError(f"{path}: cannot read the PNG images ({str(exc).splitlines()[0]})") from None
+        if len({a.shape for a in imgs}) != 1:
+            raise FastVAEError(f"{path}: the PNG images differ in size")
+        return np.stack(imgs)
+    if not path.is_file():
+        raise FastVAEError(f"{path}: no such file or folder")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                keys = list(f.keys())
+                key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise FastVAEError(
+                        f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {', '.join(keys)})"
+                    )
+                return f[key]
+        return np.load(path, allow_pickle=False)
+    except FastVAEError:
+        raise
+    except Exception as exc:
+        raise FastVAEError(
+            f"{path}: not a readable .npy/.npz array ({str(exc).splitlines()[0][:120]})"
+        ) from None
+
+
+def check_out(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise FastVAEError(f"{path}: the output must end in {' or '.join(suffixes)}")
+    check_writable(path)
+    return path
+
+
+def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> None:
+    """Columns of equal length to .npy ((N, C) float32, columns in order) or .csv (index first), atomically."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, np.stack([np.asarray(c, np.float32) for c in columns.values()], 1))
+        data = buf.getvalue()
+    else:
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["index", *columns])
+        for i, row in enumerate(zip(*columns.values())):
+            w.writerow([i, *(f"{float(v):.6g}" for v in row)])
+        data = text.getvalue().encode()
+    atomic_write_bytes(path, data)

@@ -1,0 +1,46 @@
+"""Size checks before allocating: a request that cannot fit in memory gets one clear line, not an
+allocator traceback or minutes of swapping."""
+
+from __future__ import annotations
+
+import os
+
+from fastvae.errors import FastVAEError
+
+
+def available_bytes() -> int:
+    """Memory this process may still take: MemAvailable from /proc/meminfo, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_fits(nbytes: int, what: str, hint: str = "", device=None) -> None:
+    """Raise FastVAEError when ``nbytes`` exceed the memory available now (on ``device`` if CUDA)."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_bytes()
+    if nbytes > free:
+        extra = f"; {hint}" if hint else ""
+        raise FastVAEError(
+            f"{what} needs about {_human(nbytes)}, more than the {_human(free)} available{extra}"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
