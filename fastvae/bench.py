@@ -1,42 +1,64 @@
-"""``fastvae bench``: one training step of each contender, side by side in one run.
+"""``fastvae bench``: whole training steps of every contender, side by side in one run.
 
-Contenders (GPU): eager PyTorch reference; the reference under ``torch.compile(mode="max-autotune")``;
-the reference captured in a CUDA graph (the strongest cheap baseline); fastvae (fused kernels in a CUDA
-graph). On the CPU (``--device cpu``): eager and compile only, the GPU cells reported as skipped.
+Contenders (``fastvae.bench_contenders``): eager; eager + a CUDA graph of the whole step; the whole
+step under ``torch.compile(mode="max-autotune")``; fastvae. On the CPU the CUDA-graph and fastvae
+cells are skipped (reported as such). Beside them, full MNIST epochs: the pytorch/examples loop as
+users run it (``fastvae.bench_examples``) against the step contenders at batch 128.
 
-Per cell (preset x batch x dtype): median and p20/p80 step time over ``--steps`` timed steps after
-``--warmup`` (CUDA events on a GPU, the host clock on the CPU), input batches rotated among
-``ROTATE`` resident batches so no cache is flattered; samples/s; kernel launches per step (profiler);
-peak memory; the ratio of fastvae to each baseline; the step's FLOPs and minimum bytes, and the time of
-the same GEMM shapes through cuBLAS (``torch.matmul``) as the attainable floor. Also a full MNIST epoch
-(60,000 samples at batch 128) for each contender. The table is printed last; the JSON record goes to
-``benchmarks/results/<device>.json``.
+Per cell (config x batch x dtype): every contender is built and warmed up, then timed in ``rounds``
+interleaved blocks (each block ``steps / rounds`` steps of one contender, contenders alternating), so
+drift in a shared machine's speed hits all alike; median and p20/p80 of the per-step times (CUDA events
+on a GPU, the host clock on the CPU). Also: samples/s; kernels per step (``torch.profiler`` on CUDA, the
+traced count of ``fastvae.launches`` on the CPU, labelled "traced"); peak device memory from a
+reset before the contender is built, so CUDA-graph pools and capture count, allocated and reserved,
+without the resident data set every contender shares; dynamo's graphs, graph breaks, fallbacks and
+recompiles for the compile contender (dynamo is reset before every cell); the step's GEMM FLOPs and
+minimum bytes, and the time of its GEMM shapes alone through cuBLAS as a lower bound.
 """
 
 from __future__ import annotations
 
 import json
-import platform
+import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastvae import bench_dynamo
+from fastvae.bench_contenders import STEP_CONTENDERS, Contender, make_contender
+from fastvae.bench_report import format_table, machine, slug
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
-from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
 from fastvae.errors import FastVAEError
 from fastvae.model import ReferenceVAE
 
-ROTATE = 8  # distinct input batches cycled through by every timed loop
-CONTENDERS_GPU = ("eager", "compile", "eager+graph", "fastvae")
-CONTENDERS_CPU = ("eager", "compile")
+
+@dataclass
+class Grid:
+    """What one ``fastvae bench`` run measures."""
+
+    name: str
+    presets: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    steps: int
+    warmup: int
+    rounds: int = 5
+    epoch: bool = True
+
+
+# Default on the CPU: bounded to <= 3 minutes on 2 cores. Measured here (2-core EPYC, busy): ~40 s per
+# compile cell (max-autotune), ~6 s per examples epoch; 3 presets x 3 batches would take > 10 minutes.
+CPU_DEFAULT = Grid("cpu-default", ("pytorch-example",), (128, 1024), ("fp32",), steps=30, warmup=5)
+CPU_FULL = Grid("cpu-full", ("pytorch-example", "paper", "iwae"), (128, 1024, 16384), ("fp32",), 30, 5)
+GPU_FULL = Grid("gpu-full", ("pytorch-example", "paper", "iwae"), (128, 1024, 16384), ("fp32", "tf32", "bf16"),
+                steps=200, warmup=20)  # fmt: skip
 
 
 @dataclass
@@ -76,68 +98,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(fn: Callable[[int], None], n: int, device: torch.device) -> list[float]:
-    """Seconds of each of n calls fn(i): CUDA events around each call on a GPU, else the host clock."""
-    out = []
+def _time_steps(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of n calls: CUDA events around each call on a GPU, else the host clock."""
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
             starts[i].record()
-            fn(i)
+            fn()
             ends[i].record()
         torch.cuda.synchronize(device)
         return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    for i in range(n):
+    out = []
+    for _ in range(n):
         t = time.perf_counter()
-        fn(i)
+        fn()
         out.append(time.perf_counter() - t)
     return out
 
 
-def _count_launches(fn: Callable[[], None], device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
+def _gemm_lower_bound_ms(cfg: VAEConfig, batch: int, dtype: str, device: torch.device) -> float | None:
+    """Median time of the step's GEMM shapes alone through cuBLAS (torch.matmul), one CUDA graph.
 
-    _sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync(device)
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def _make_contender(
-    name: str, cfg: VAEConfig, data: DeviceData, batch: int, dtype: str, device: torch.device
-):
-    """(step(i), the TrainStep or None): a training step over rotating resident batches."""
-    torch.manual_seed(0)
-    if name == "fastvae":
-        from fastvae.fused import FusedVAE
-
-        model = FusedVAE(cfg).to(device)
-    else:
-        model = ReferenceVAE(cfg).to(device)
-    graph = name in ("eager+graph", "fastvae")
-    opt = make_optimizer(model, 1e-3, cuda_graph=graph)
-    if name == "compile":
-        model.elbo_terms = torch.compile(model.elbo_terms, mode="max-autotune")
-    engine = TrainStep(model, opt, data, batch, dtype=dtype, cuda_graph=graph)
-    n_batches = max(1, len(data) // batch)
-    rotate = min(ROTATE, n_batches)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    engine.load_epoch(torch.randperm(len(data), generator=g).to(device))
-
-    def step(i: int) -> None:
-        if i % rotate == 0:  # back to the first of ROTATE batches (a cursor write, outside any graph)
-            engine.cursor.zero_()
-        engine.step()
-
-    return step, engine, model
-
-
-def _gemm_floor_ms(cfg: VAEConfig, batch: int, dtype: str, device: torch.device) -> float | None:
-    """Median time of the step's GEMM shapes through cuBLAS (torch.matmul), replayed as one CUDA graph."""
+    A lower bound, not an attainable step time: no optimizer, no gather, no elementwise work, and the
+    weight gradients are written in the compute dtype (bf16 in bf16 cells)."""
     if device.type != "cuda":
         return None
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -155,139 +139,210 @@ def _gemm_floor_ms(cfg: VAEConfig, batch: int, dtype: str, device: torch.device)
     with torch.cuda.graph(g):
         for op in ops:
             op()
-    return Timing.of(_time_steps(lambda i: g.replay(), 200, device)).median_ms
+    return Timing.of(_time_steps(g.replay, 200, device)).median_ms
+
+
+def _launches(c: Contender, device: torch.device) -> tuple[int | None, str]:
+    """Kernels of one step: profiled on CUDA; traced on the CPU (not for compile: inductor's C++
+    kernels do not dispatch through aten, so a trace would miss them)."""
+    from fastvae.launches import profiled_kernels, trace_kernels
+
+    if device.type == "cuda":
+        return profiled_kernels(c.step, device), "profiled"
+    if c.name == "compile":
+        return None, "n/a"
+    return trace_kernels(c.step).total, "traced"
+
+
+def _build(name: str, cfg: VAEConfig, data: DeviceData, x: torch.Tensor, batch: int, dtype: str, warmup: int):
+    """Build and warm up one contender; (contender, entry with memory, dynamo's snapshot after warm-up)."""
+    dev = x.device
+    entry: dict[str, Any] = {}
+    if name == "compile":
+        bench_dynamo.reset()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        base = (torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev))
+        torch.cuda.reset_peak_memory_stats(dev)  # before build and capture: graph pools count
+    c = make_contender(name, cfg, data, x, batch, dtype)
+    for _ in range(max(warmup, 5)):  # >= 5: the CUDA-graph contenders capture at their 4th step
+        c.step()  # compile: dynamo compiles here (Adam's lazy state init recompiles once at step 2)
+    _sync(dev)
+    warm = bench_dynamo.snapshot() if name == "compile" else None
+    if dev.type == "cuda":
+        entry["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev) - base[0] - c.extra_bytes
+        entry["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev) - base[1] - c.extra_bytes
+    entry["optimizer"] = c.optimizer
+    entry.update(c.notes)
+    return c, entry, warm
 
 
 def run_cell(
-    preset_name: str, batch: int, dtype: str, device: torch.device, data: DeviceData, steps: int, warmup: int,
-    contenders: tuple[str, ...],
+    cfg: VAEConfig, batch: int, dtype: str, data: DeviceData, x: torch.Tensor, grid: Grid,
+    contenders: tuple[str, ...], keep: dict[str, Contender] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    cfg = preset(preset_name)
-    set_matmul_precision(dtype if device.type == "cuda" else "fp32")
-    cell: dict[str, Any] = {"preset": preset_name, "batch": batch, "dtype": dtype, "contenders": {}}
+    """One (config, batch, dtype) cell: every contender built, warmed up, timed interleaved. ``keep``
+    receives the built contenders (the epoch timing reuses them instead of compiling again)."""
+    dev = x.device
     n_params = sum(p.numel() for p in ReferenceVAE(cfg).parameters())
-    cell["flops"] = step_flops(cfg, batch)
-    cell["min_bytes"] = step_min_bytes(cfg, batch, n_params)
-    cell["gemm_floor_ms"] = _gemm_floor_ms(cfg, batch, dtype, device)
+    cell: dict[str, Any] = {
+        "preset": cfg.preset or "custom", "hidden_dims": list(cfg.hidden_dims), "latent_dim": cfg.latent_dim,
+        "batch": batch, "dtype": dtype, "flops": step_flops(cfg, batch),
+        "min_bytes": step_min_bytes(cfg, batch, n_params), "contenders": {},
+    }  # fmt: skip
+    cell["gemm_lower_bound_ms"] = _gemm_lower_bound_ms(cfg, batch, dtype, dev)
+    built: dict[str, tuple[Contender, dict, Any]] = {}
     for name in contenders:
-        if dtype == "bf16" and name == "compile" and device.type != "cuda":
-            continue
         try:
-            step, engine, _ = _make_contender(name, cfg, data, batch, dtype, device)
-            for i in range(warmup):
-                step(i)
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            timing = Timing.of(_time_steps(step, steps, device))
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            launches = _count_launches(lambda step=step: step(1), device)  # step(1): no cursor reset
-            cell["contenders"][name] = {
-                "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
-                "samples_per_s": batch / (timing.median_ms / 1e3), "launches_per_step": launches,
-                "peak_memory_bytes": peak,
-            }  # fmt: skip
-            engine.read_loss()
+            built[name] = _build(name, cfg, data, x, batch, dtype, grid.warmup)
+            cell["contenders"][name] = built[name][1]
         except Exception as exc:  # a contender that cannot run here is recorded, not fatal
-            cell["contenders"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    fv = cell["contenders"].get("fastvae", {})
-    if "median_ms" in fv:
-        cell["fastvae_speedup"] = {
-            k: v["median_ms"] / fv["median_ms"] for k, v in cell["contenders"].items() if "median_ms" in v
-        }
-        if cell["gemm_floor_ms"]:
-            cell["fastvae_over_gemm_floor"] = fv["median_ms"] / cell["gemm_floor_ms"]
+            cell["contenders"][name] = {"error": _err(exc)}
+    times: dict[str, list[float]] = {n: [] for n in built}
+    per_block = max(1, grid.steps // grid.rounds)
+    for _ in range(grid.rounds):
+        for name, (c, _, _) in built.items():
+            times[name] += _time_steps(c.step, per_block, dev)
+    after = bench_dynamo.snapshot()  # before the launch counts: tracing runs more steps
+    for name, (_, entry, warm) in built.items():
+        t = Timing.of(times[name])
+        entry.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, timed_steps=len(times[name]),
+                     samples_per_s=batch / (t.median_ms / 1e3))  # fmt: skip
+        if warm is not None:
+            entry["dynamo"] = bench_dynamo.stats(warm, after).to_dict()
+    for c, entry, _ in built.values():
+        entry["launches_per_step"], entry["launches_source"] = _launches(c, dev)
+        c.read_loss()
+    if keep is not None:
+        keep.update({name: c for name, (c, _, _) in built.items()})
+    _ratios(cell)
     return cell
 
 
-def epoch_times(device: torch.device, data: DeviceData, dtype: str, contenders: tuple[str, ...]) -> dict:
-    """Wall time of a full MNIST epoch (60,000 samples, batch 128, 468 steps) per contender."""
-    cfg = preset("pytorch-example")
-    out = {}
-    for name in contenders:
-        try:
-            step, engine, _ = _make_contender(name, cfg, data, 128, dtype, device)
-            for i in range(5):
-                step(i)
-            engine.load_epoch(torch.randperm(len(data), device=device))
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(len(data) // 128):
-                engine.step()
-            engine.read_loss()  # one sync: the epoch is done
-            out[name] = {"epoch_s": time.perf_counter() - t}
-        except Exception as exc:
-            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+def _ratios(cell: dict[str, Any]) -> None:
+    fv = cell["contenders"].get("fastvae", {})
+    if "median_ms" not in fv:
+        return
+    cell["fastvae_speedup"] = {
+        k: v["median_ms"] / fv["median_ms"] for k, v in cell["contenders"].items() if "median_ms" in v
+    }
+    if cell["gemm_lower_bound_ms"]:
+        cell["fastvae_over_gemm_lower_bound"] = fv["median_ms"] / cell["gemm_lower_bound_ms"]
+
+
+def _err(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+EPOCH_CELL = ("pytorch-example", 128, "fp32")  # the examples' recipe: the cell whose contenders run epochs
+
+
+EPOCH_ROUNDS = 2  # epochs per contender, in alternating order, so a busy spell does not hit one alone
+
+
+def epoch_times(images, built: dict[str, Contender], device: torch.device) -> dict[str, Any]:
+    """Full MNIST epochs at batch 128 (pytorch-example, fp32): the examples loop as users run it, and
+    each step contender (already built and warm, from the EPOCH_CELL cell, so compile does not compile
+    again) over ``steps_per_epoch`` steps and one loss read (one sync). EPOCH_ROUNDS epochs each, the
+    order reversed every round; ``epoch_s`` is the fastest (the least disturbed), all are recorded."""
+    from fastvae.bench_examples import examples_epoch
+
+    runs: dict[str, Callable[[], dict[str, Any]]] = {"examples-loop": lambda: examples_epoch(images, device)}
+    runs.update({name: (lambda c=c: _contender_epoch(c, device)) for name, c in built.items()})
+    out: dict[str, Any] = {name: {"epoch_s_runs": []} for name in runs}
+    order = list(runs)
+    for r in range(EPOCH_ROUNDS):
+        for name in order if r % 2 == 0 else order[::-1]:
+            if "error" in out[name]:
+                continue
+            try:
+                res = runs[name]()
+            except Exception as exc:
+                out[name] = {"error": _err(exc)}
+                continue
+            out[name]["epoch_s_runs"].append(res.pop("epoch_s"))
+            out[name].update(res)
+    for v in out.values():
+        if v.get("epoch_s_runs"):
+            v["epoch_s"] = min(v["epoch_s_runs"])
     return out
 
 
-def _versions(device: torch.device) -> dict[str, Any]:
-    try:
-        import triton
+def _contender_epoch(c: Contender, device: torch.device) -> dict[str, Any]:
+    c.read_loss()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(c.steps_per_epoch):
+        c.step()
+    loss = c.read_loss()  # one host sync: the epoch is done
+    return {"epoch_s": time.perf_counter() - t, "steps": c.steps_per_epoch,
+            "mean_loss": loss / (c.steps_per_epoch * 128)}  # fmt: skip
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                                timeout=10).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (platform.processor() or platform.machine())
-    )
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return {
-        "device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }  # fmt: skip
+
+def resolve_grid(device: torch.device, full: bool, **overrides: Any) -> Grid:
+    """The default grid for the device (bounded on the CPU), or the full one; explicit flags override."""
+    base = GPU_FULL if device.type == "cuda" else (CPU_FULL if full else CPU_DEFAULT)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return base
+    return replace(base, name=base.name + "+custom", **given)
 
 
 def run_bench(
-    device: str = "auto", presets: tuple[str, ...] = ("pytorch-example", "paper", "iwae"),
-    batch_sizes: tuple[int, ...] = (128, 1024, 16384), dtypes: tuple[str, ...] | None = None, steps: int = 200,
-    warmup: int = 20, epoch: bool = True, out: str | None = None, print_fn: Callable[[str], None] = print,
+    device: str = "auto", *, full: bool = False, out: str | None = None,
+    print_fn: Callable[[str], None] = print, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
+    """Run the grid, write the JSON record, print the table; returns the record.
+
+    ``overrides``: presets, batch_sizes, dtypes, steps, warmup, rounds, epoch (None: the grid's)."""
     from fastvae.backends import resolve_device, triton_available
 
     dev = resolve_device(device)
-    for p in presets:
+    grid = resolve_grid(dev, full, **overrides)
+    for p in grid.presets:
         preset(p)
-    if steps < 5 or warmup < 0:
-        raise FastVAEError("need --steps >= 5 and --warmup >= 0")
+    if grid.steps < 5 or grid.warmup < 0 or grid.rounds < 1:
+        raise FastVAEError("need --steps >= 5, --warmup >= 0 and --rounds >= 1")
     if dev.type == "cuda":
-        contenders = CONTENDERS_GPU if triton_available() else CONTENDERS_GPU[:3]
-        dtypes = dtypes or ("fp32", "tf32", "bf16")
+        contenders = STEP_CONTENDERS if triton_available() else STEP_CONTENDERS[:3]
+        skipped = [] if triton_available() else ["fastvae (needs Triton)"]
     else:
-        contenders = CONTENDERS_CPU
-        dtypes = dtypes or ("fp32",)
-        print_fn("fastvae bench: no CUDA device: running eager and torch.compile on the CPU; the CUDA-graph and "
-                 "fastvae (Triton) cells are skipped")  # fmt: skip
+        contenders = ("eager", "compile")
+        skipped = ["eager+graph (needs CUDA)", "fastvae (needs CUDA and Triton)"]
+    print_fn(f"fastvae bench: grid {grid.name}: presets {', '.join(grid.presets)}; batches "
+             f"{', '.join(map(str, grid.batch_sizes))}; {', '.join(grid.dtypes)}; {grid.steps} timed steps "
+             f"in {grid.rounds} interleaved rounds after {grid.warmup} warm-up; contenders "
+             f"{', '.join(contenders)}" + ("" if dev.type == "cuda" or full else "  (the full grid: --full)"))  # fmt: skip
     mnist = load_dataset("mnist")
     data = DeviceData(mnist.x_train, dev)
-    record: dict[str, Any] = {**_versions(dev), "steps": steps, "warmup": warmup, "cells": [], "skipped": []}
-    if dev.type != "cuda":
-        record["skipped"] = ["eager+graph (needs CUDA)", "fastvae (needs CUDA and Triton)"]
-    for p in presets:
-        for b in batch_sizes:
+    x = data.batch(torch.arange(len(data), device=dev))  # the float data set, shared by the contenders
+    record: dict[str, Any] = {**machine(dev), "grid": grid.__dict__ | {"contenders": list(contenders)},
+                              "cells": [], "skipped": skipped}  # fmt: skip
+    t0, load0 = time.perf_counter(), _load()
+    for p in grid.presets:
+        for b in grid.batch_sizes:
             if b > len(data):
                 raise FastVAEError(f"batch {b} exceeds the {len(data)} MNIST training samples")
-            for d in dtypes:
+            for d in grid.dtypes:
                 print_fn(f"  {p} batch {b} {d} ...")
-                record["cells"].append(run_cell(p, b, d, dev, data, steps, warmup, contenders))
-    if epoch:
-        record["mnist_epoch"] = epoch_times(dev, data, "fp32", contenders)
-    path = Path(out) if out else Path("benchmarks") / "results" / f"{_slug(record['device'])}.json"
+                keep: dict[str, Contender] = {}
+                record["cells"].append(run_cell(preset(p), b, d, data, x, grid, contenders, keep))
+                if grid.epoch and (p, b, d) == EPOCH_CELL:  # before the next cell resets dynamo
+                    print_fn("  full MNIST epochs ...")
+                    record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
+                del keep
+    if grid.epoch and "mnist_epoch" not in record:
+        print_fn("  full MNIST epochs (pytorch-example, batch 128, fp32) ...")
+        keep = {}
+        run_cell(
+            preset(EPOCH_CELL[0]), 128, "fp32", data, x, replace(grid, steps=5, rounds=1), contenders, keep
+        )
+        record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
+    record["wall_s"] = time.perf_counter() - t0
+    record["load_avg_1min"] = {"start": load0, "end": _load()}  # > cpu_cores: others shared the cores
+    name = slug(record["device"]) if dev.type == "cuda" else f"cpu-{slug(record['device'])}"
+    path = Path(out) if out else Path("benchmarks") / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print_fn(format_table(record))
@@ -295,44 +350,21 @@ def run_bench(
     return record
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "device"
-
-
-def format_table(record: dict[str, Any]) -> str:
-    names = sorted(
-        {n for c in record["cells"] for n in c["contenders"]}, key=lambda n: list(CONTENDERS_GPU).index(n)
-    )
-    head = "| preset | batch | dtype | " + " | ".join(f"{n} ms (p20-p80)" for n in names)
-    head += " | launches | fastvae speedup | over GEMM floor |"
-    lines = [f"device: {record['device']} (torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']})",
-             head, "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
-    for c in record["cells"]:
-        row = [c["preset"], str(c["batch"]), c["dtype"]]
-        for n in names:
-            v = c["contenders"].get(n, {})
-            row.append(
-                f"{v['median_ms']:.3f} ({v['p20_ms']:.3f}-{v['p80_ms']:.3f})" if "median_ms" in v else "n/a"
-            )
-        launches = {
-            n: v.get("launches_per_step") for n, v in c["contenders"].items() if v.get("launches_per_step")
-        }
-        row.append(", ".join(f"{n} {k}" for n, k in launches.items()) or "n/a")
-        sp = c.get("fastvae_speedup")
-        row.append(", ".join(f"{v:.2f}x vs {k}" for k, v in sp.items() if k != "fastvae") if sp else "n/a")
-        floor = c.get("fastvae_over_gemm_floor")
-        row.append(f"{floor:.2f}x" if floor else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
-    if "mnist_epoch" in record:
-        ep = ", ".join(f"{n} {v['epoch_s'] * 1e3:.0f} ms" if "epoch_s" in v else f"{n} n/a"
-                       for n, v in record["mnist_epoch"].items())  # fmt: skip
-        lines.append(f"full MNIST epoch (60,000 samples, batch 128): {ep}")
-    if record.get("skipped"):
-        lines.append("skipped here: " + "; ".join(record["skipped"]))
-    return "\n".join(lines)
-
-
 def main_args(a) -> int:
-    run_bench(a.device, tuple(a.presets), tuple(a.batch_sizes), tuple(a.dtypes) if a.dtypes else None, a.steps,
-              a.warmup, not a.no_epoch, a.out, print_fn=lambda s: print(s, file=sys.stdout, flush=True))  # fmt: skip
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run_bench(a.device, full=a.full, out=a.out, print_fn=lambda s: print(s, file=sys.stdout, flush=True),
+              presets=_tuple(a.presets), batch_sizes=_tuple(a.batch_sizes), dtypes=_tuple(a.dtypes),
+              steps=a.steps, warmup=a.warmup, rounds=a.rounds, epoch=False if a.no_epoch else None)  # fmt: skip
     return 0
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _tuple(v) -> tuple | None:
+    return tuple(v) if v else None

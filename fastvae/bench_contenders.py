@@ -1,0 +1,211 @@
+"""The contenders of ``fastvae bench``: each one is a whole training step doing the same work.
+
+Same work for every contender: the model of the cell's config, the per-sample -ELBO (reconstruction +
+beta * KL) averaged over the batch, Adam (lr 1e-3), the batch gathered by index from the data set
+resident on the device, the reparameterization noise drawn on the device, the loss summed on the device,
+and the batch cursor advanced on the device, wrapping within the epoch's (steps, B) index table so any
+number of steps is valid (at B = 16384 on MNIST the table has 3 rows).
+
+- ``eager``: the reference model, plain PyTorch, fused Adam (the fastest eager optimizer).
+- ``eager+graph``: the same step, optimizer included, captured once as a CUDA graph and replayed
+  (fused capturable Adam, as CUDA graphs need).
+- ``compile``: the same step function under ``torch.compile(mode="max-autotune")``, forward, backward
+  and optimizer inside the compiled function; Adam is the foreach implementation because dynamo refuses
+  to trace the fused one (``_fused_adam`` is ``torch.compiler.disable``d), so inductor writes its own.
+  Dynamo's counters (graphs, graph breaks, frames that fell back to eager, recompiles) are kept per cell.
+- ``fastvae``: ``fastvae.engine.TrainStep`` over ``FusedVAE`` (fused Triton kernels in a CUDA graph),
+  driven only through its public surface (``load_epoch``, ``step``, ``read_loss``, ``steps_per_epoch``).
+
+The pytorch/examples loop (``examples_epoch``) is not a step contender: it is timed as whole epochs, as
+its users run it (see ``fastvae.bench_examples``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastvae.config import VAEConfig
+from fastvae.data import DeviceData
+from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
+from fastvae.model import ReferenceVAE
+
+LR = 1e-3
+# Steps a CUDA graph's step runs eagerly (side stream) before capture: Adam's state and autograd's
+# buffers must exist before capture. Same count as fastvae.engine.WARMUP_STEPS.
+GRAPH_WARMUP = 3
+STEP_CONTENDERS = ("eager", "eager+graph", "compile", "fastvae")
+
+
+@dataclass
+class Contender:
+    """One contender of a cell: ``step()`` runs one whole training step (wrapping within the epoch)."""
+
+    name: str
+    step: Callable[[], None]
+    read_loss: Callable[[], float]
+    steps_per_epoch: int
+    optimizer: str
+    extra_bytes: int = 0  # device memory it holds that every contender holds too (its data copy)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class WholeStep:
+    """The reference model's whole training step over the resident data set.
+
+    ``body()`` = zero grads (Python only), gather the batch, draw eps, forward, per-sample loss, add it to
+    the (B,) accumulator, advance the cursor modulo the steps per epoch, backward of the batch mean, Adam.
+    The loss is accumulated before ``backward()`` so no tensor that backward consumes outlives it (under
+    ``torch.compile`` that would add a graph break).
+    """
+
+    def __init__(
+        self, cfg: VAEConfig, x: torch.Tensor, batch: int, dtype: str, opt_kind: str, seed: int = 0
+    ) -> None:
+        dev = x.device
+        torch.manual_seed(seed)
+        self.model = ReferenceVAE(cfg).to(dev)
+        self.opt = _adam(self.model, opt_kind)
+        self.opt_kind, self.x, self.batch, self.dtype = opt_kind, x, batch, dtype
+        self.latent = cfg.latent_dim
+        self.steps_per_epoch = len(x) // batch
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        perm = torch.randperm(len(x), generator=g)[: self.steps_per_epoch * batch]
+        self.batches = perm.view(self.steps_per_epoch, batch).to(dev)  # (steps, B) row indices
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.beta = torch.tensor(float(cfg.beta), device=dev)
+        self.loss_acc = torch.zeros(batch, dtype=torch.float32, device=dev)
+        self._autocast = (
+            (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
+        )
+
+    def body(self) -> None:
+        xb = torch.index_select(self.x, 0, torch.index_select(self.batches, 0, self.cursor).view(-1))
+        eps = torch.randn(self.batch, self.latent, device=self.x.device)  # noise drawn on the device
+        with self._autocast():
+            rec, kl = self.model.elbo_terms(xb, eps)
+            loss = rec.float() + self.beta * kl.float().sum(-1)  # (B,) per-sample -ELBO
+        self.loss_acc += loss.detach()
+        self.cursor.copy_(torch.remainder(self.cursor + 1, self.steps_per_epoch))  # wraps in the table
+        loss.mean().backward()
+        self.opt.step()
+
+    def read_loss(self) -> float:
+        value = self.loss_acc.double().sum().item()
+        self.loss_acc.zero_()
+        return value
+
+
+def _adam(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    """Adam(lr 1e-3) as each contender needs it: "fused", "fused-capturable" or "foreach" (compile)."""
+    if kind == "fused":
+        return make_optimizer(model, LR, cuda_graph=False)
+    if kind == "fused-capturable":
+        return make_optimizer(model, LR, cuda_graph=True)
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":  # a tensor lr: the CUDA graphs of max-autotune need a capturable optimizer
+        return torch.optim.Adam(
+            model.parameters(), lr=torch.tensor(LR, device=dev), foreach=True, capturable=True
+        )
+    return torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
+
+
+def make_contender(
+    name: str, cfg: VAEConfig, data: DeviceData, x: torch.Tensor, batch: int, dtype: str
+) -> Contender:
+    """Build ``name`` for one cell. ``x`` is the data set as float (N, D) on the device, shared."""
+    set_matmul_precision(dtype if x.device.type == "cuda" else "fp32")
+    if name == "fastvae":
+        return _fastvae(cfg, data, batch, dtype)
+    opt_kind = {"eager": "fused", "eager+graph": "fused-capturable", "compile": "foreach"}[name]
+    ws = WholeStep(cfg, x, batch, dtype, opt_kind)
+    if name == "eager":
+
+        def step() -> None:
+            ws.opt.zero_grad(set_to_none=True)
+            ws.body()
+
+    elif name == "eager+graph":
+        step = _graph_step(ws)
+    else:
+        step = _compiled_step(ws)
+    notes = {
+        "dynamo_config": "torch.compile defaults; Tensor.backward() is not traced (trace_autograd_ops=False)"
+    }
+    return Contender(name, step, ws.read_loss, ws.steps_per_epoch, f"Adam ({opt_kind})",
+                     notes=notes if name == "compile" else {})  # fmt: skip
+
+
+def _graph_step(ws: WholeStep) -> Callable[[], None]:
+    """Eager for GRAPH_WARMUP steps on a side stream, then the whole step captured once and replayed."""
+    state: dict[str, Any] = {"graph": None, "run": 0}
+
+    def body() -> None:
+        ws.opt.zero_grad(set_to_none=True)  # fresh grads from the graph's pool: no zeroing kernel
+        ws.body()
+
+    def step() -> None:
+        if state["graph"] is not None:
+            state["graph"].replay()
+            return
+        if state["run"] < GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.current_stream().wait_stream(side)
+            state["run"] += 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        graph.replay()  # capture records without running: run this step now
+        state["graph"] = graph
+
+    return step
+
+
+def _compiled_step(ws: WholeStep) -> Callable[[], None]:
+    """The step function under torch.compile(max-autotune). ``Optimizer.zero_grad`` stays outside:
+    dynamo skips it by design (a graph break) and it launches nothing (grads are set to None)."""
+    compiled = torch.compile(ws.body, mode="max-autotune")
+
+    def step() -> None:
+        ws.opt.zero_grad(set_to_none=True)
+        compiled()
+
+    return step
+
+
+def _fastvae(cfg: VAEConfig, data: DeviceData, batch: int, dtype: str) -> Contender:
+    from fastvae.fused import FusedVAE
+
+    dev = data.x.device
+    torch.manual_seed(0)
+    model = FusedVAE(cfg).to(dev)
+    graph = dev.type == "cuda"
+    engine = TrainStep(
+        model, make_optimizer(model, LR, cuda_graph=graph), data, batch, dtype=dtype, cuda_graph=graph
+    )
+    g = torch.Generator(device="cpu").manual_seed(0)
+    perm = torch.randperm(len(data), generator=g).to(dev)
+    engine.load_epoch(perm)
+    state = {"i": 0}
+
+    def step() -> None:
+        # TrainStep's cursor does not wrap: reinstall the epoch (a host-side cursor write, outside any
+        # graph) after every steps_per_epoch steps, so any number of steps stays inside the table.
+        if state["i"] == engine.steps_per_epoch:
+            engine.load_epoch(perm)
+            state["i"] = 0
+        engine.step()
+        state["i"] += 1
+
+    x = getattr(engine, "x", None)  # its own float copy of the data set, when it keeps one
+    extra = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    opt = "Adam (fused, capturable)" if graph else "Adam (fused)"
+    return Contender("fastvae", step, engine.read_loss, engine.steps_per_epoch, opt, extra_bytes=extra)

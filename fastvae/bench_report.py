@@ -1,0 +1,151 @@
+"""The bench record's machine description and its printed table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Instruction-set extensions that decide CPU GEMM throughput, as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+ORDER = ("eager", "eager+graph", "compile", "fastvae")
+
+
+def _cpuinfo() -> tuple[str | None, list[str]]:
+    """(model name, the ISA_FLAGS the kernel exposes to this machine) from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    name, flags = None, set()
+    for line in text.splitlines():
+        if line.startswith("model name") and name is None:
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return name, [f for f in ISA_FLAGS if f in flags]
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """Device, software versions, git commit and date for the record."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cpu_name, isa = _cpuinfo()
+    rec: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (cpu_name or platform.machine()),
+        "device_type": device.type, "cpu": cpu_name, "cpu_cores": os.cpu_count(), "cpu_isa_flags": isa,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    return rec
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "device"
+
+
+def _ms(v: dict[str, Any]) -> str:
+    if "median_ms" not in v:
+        return "error" if "error" in v else "n/a"
+    return f"{v['median_ms']:.3f} ({v['p20_ms']:.3f}-{v['p80_ms']:.3f})"
+
+
+def _mem(v: dict[str, Any]) -> str:
+    if v.get("peak_allocated_bytes") is None:
+        return ""
+    return f" [{v['peak_allocated_bytes'] / 2**20:.0f}/{v['peak_reserved_bytes'] / 2**20:.0f} MiB]"
+
+
+def format_table(record: dict[str, Any]) -> str:
+    names = [n for n in ORDER if any(n in c["contenders"] for c in record["cells"])]
+    head = "| preset | batch | dtype | " + " | ".join(f"{n} ms (p20-p80)" for n in names)
+    head += " | compile graphs | kernels/step | fastvae speedup | fastvae / GEMM lower bound |"
+    lines = [
+        f"device: {record['device']} ({record['cpu_cores']} cores, ISA {'+'.join(record['cpu_isa_flags']) or '?'}, "
+        f"torch CPU capability {record['torch_cpu_capability']}; torch {record['torch']}, triton {record['triton']}, "
+        f"CUDA {record['cuda']})",
+        f"grid: {record['grid']['name']}", head, "|" + "---|" * (head.count("|") - 1),
+    ]  # fmt: skip
+    flagged = []
+    for c in record["cells"]:
+        row = [c["preset"], str(c["batch"]), c["dtype"]]
+        for n in names:
+            v = c["contenders"].get(n, {})
+            dyn = v.get("dynamo")
+            mark = " *" if dyn and dyn["flagged"] else ""
+            row.append(_ms(v) + _mem(v) + mark)
+            if dyn and dyn["flagged"]:
+                flagged.append((c, dyn))
+        dyn = c["contenders"].get("compile", {}).get("dynamo")
+        row.append(_dyn_label(dyn) if dyn else "n/a")
+        row.append(", ".join(f"{n} {v['launches_per_step']} ({v['launches_source']})"
+                             for n, v in c["contenders"].items() if v.get("launches_per_step")) or "n/a")  # fmt: skip
+        sp = c.get("fastvae_speedup")
+        row.append(", ".join(f"{v:.2f}x vs {k}" for k, v in sp.items() if k != "fastvae") if sp else "n/a")
+        lb = c.get("fastvae_over_gemm_lower_bound")
+        row.append(f"{lb:.2f}x" if lb else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += _footnotes(record, flagged)
+    return "\n".join(lines)
+
+
+def _dyn_label(d: dict[str, Any]) -> str:
+    parts = [f"{d['graphs']} graph{'s' if d['graphs'] != 1 else ''}"]
+    if d["graph_breaks"]:
+        parts.append(f"{d['graph_breaks']} breaks")
+    if d["fallbacks"]:
+        parts.append(f"FELL BACK x{d['fallbacks']}")
+    if d["recompiles"]:
+        parts.append(f"RECOMPILED x{d['recompiles']} while timed")
+    return ", ".join(parts)
+
+
+def _footnotes(record: dict[str, Any], flagged: list) -> list[str]:
+    out = []
+    if any(
+        c["contenders"].get(n, {}).get("peak_allocated_bytes") is not None
+        for c in record["cells"]
+        for n in ORDER
+    ):
+        out.append("[a/r MiB]: peak allocated / reserved device memory from a reset before the contender was "
+                   "built (CUDA-graph pools included), less the resident data set all contenders share.")  # fmt: skip
+    if flagged:
+        reasons = sorted({r for _, d in flagged for r in d["break_reasons"] + d["fallback_reasons"]})
+        fell = [f"{c['preset']} {c['batch']} {c['dtype']}" for c, d in flagged if d["fell_back"]]
+        out.append("* compile is not one graph compiled once in these cells (see 'compile graphs'). Reasons: "
+                   + "; ".join(reasons))  # fmt: skip
+        out.append("  cells where part of the step ran eager (fallback or recompile): "
+                   + (", ".join(fell) if fell else "none"))  # fmt: skip
+    if "mnist_epoch" in record:
+        ep = record["mnist_epoch"]
+        parts = [f"{n} {v['epoch_s']:.2f} s ({v['steps']} steps; runs " + ", ".join(f"{t:.2f}" for t in v["epoch_s_runs"])
+                 + ")" if "epoch_s" in v else f"{n} {v.get('error', 'n/a')}" for n, v in ep.items()]  # fmt: skip
+        out.append(
+            "full MNIST epoch (60,000 samples, batch 128, fp32; fastest of the runs): " + "; ".join(parts)
+        )
+        base = ep.get("examples-loop", {}).get("epoch_s")
+        if base:
+            out.append("  examples loop / contender: " + ", ".join(
+                f"{base / v['epoch_s']:.2f}x faster with {n}" for n, v in ep.items()
+                if n != "examples-loop" and "epoch_s" in v))  # fmt: skip
+    if record.get("skipped"):
+        out.append("skipped here: " + "; ".join(record["skipped"]))
+    load = record.get("load_avg_1min") or {}
+    out.append(f"wall time of the run: {record.get('wall_s', 0):.0f} s; 1-min load average {load.get('start')} at "
+               f"the start, {load.get('end')} at the end, on {record.get('cpu_cores')} cores")  # fmt: skip
+    return out

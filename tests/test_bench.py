@@ -1,0 +1,114 @@
+"""The bench harness: contenders wrap within the epoch table, grids, the table's flags, the examples loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae.bench import CPU_DEFAULT, CPU_FULL, Grid, resolve_grid, run_cell
+from fastvae.bench_contenders import WholeStep, make_contender
+from fastvae.bench_examples import ExamplesMNIST, ExamplesVAE, loss_function
+from fastvae.bench_report import format_table
+from fastvae.config import VAEConfig
+from fastvae.data import DeviceData
+
+CFG = VAEConfig(input_dim=(1, 28, 28), hidden_dims=(16,), latent_dim=4)
+
+
+def _data(n=48):
+    x = (np.random.default_rng(0).random((n, 784)) * 255).astype(np.uint8)
+    data = DeviceData(x, "cpu")
+    return data, data.batch(torch.arange(n))
+
+
+@pytest.mark.parametrize("name", ["eager", "fastvae"])
+def test_contender_wraps_when_rotation_equals_steps_per_epoch(name):
+    """48 rows at batch 16: 3 steps per epoch (as B = 16384 on 60,000 MNIST rows). 3k+1 steps must
+    stay inside the (3, B) index table, where the old harness indexed past it."""
+    data, x = _data()
+    c = make_contender(name, CFG, data, x, 16, "fp32")
+    assert c.steps_per_epoch == 3
+    for _ in range(3 * 3 + 1):
+        c.step()
+    assert np.isfinite(c.read_loss())
+
+
+def test_whole_step_cursor_wraps_on_the_device_and_visits_every_batch():
+    data, x = _data()
+    ws = WholeStep(CFG, x, 16, "fp32", "fused")
+    seen = []
+    for _ in range(7):
+        seen.append(int(ws.cursor))
+        ws.opt.zero_grad(set_to_none=True)
+        ws.body()
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_cpu_default_grid_is_bounded_and_full_is_one_flag_away():
+    cpu = torch.device("cpu")
+    assert resolve_grid(cpu, full=False) == CPU_DEFAULT
+    assert resolve_grid(cpu, full=True) == CPU_FULL
+    # 2 cells of 2 contenders: what keeps `fastvae bench --device cpu` within 3 minutes on 2 cores
+    assert len(CPU_DEFAULT.presets) * len(CPU_DEFAULT.batch_sizes) * len(CPU_DEFAULT.dtypes) <= 2
+    assert 16384 in CPU_FULL.batch_sizes and len(CPU_FULL.presets) == 3
+    custom = resolve_grid(cpu, full=False, steps=7, presets=None)
+    assert custom.steps == 7 and custom.name == "cpu-default+custom" and custom.presets == CPU_DEFAULT.presets
+
+
+def test_cell_at_rotation_equal_to_steps_per_epoch_runs_more_steps_than_the_table():
+    data, x = _data()
+    grid = Grid("t", (), (), (), steps=10, warmup=2, rounds=2)
+    cell = run_cell(CFG, 16, "fp32", data, x, grid, ("eager",))
+    e = cell["contenders"]["eager"]
+    assert "error" not in e, e
+    assert e["timed_steps"] == 10 and e["launches_source"] == "traced" and e["launches_per_step"] > 10
+
+
+def _record(dynamo):
+    c = {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "launches_per_step": None}
+    return {
+        "device": "cpu", "cpu_cores": 2, "cpu_isa_flags": ["avx2"], "torch_cpu_capability": "AVX2",
+        "torch": "x", "triton": None, "cuda": None, "grid": {"name": "g"}, "skipped": [],
+        "cells": [{"preset": "p", "batch": 8, "dtype": "fp32", "contenders": {"eager": c, "compile": {**c, "dynamo": dynamo}}}],
+    }  # fmt: skip
+
+
+def test_table_flags_a_compile_cell_that_fell_back_or_broke():
+    clean = {"graphs": 1, "graph_breaks": 0, "fallbacks": 0, "recompiles": 0, "flagged": False, "fell_back": False,
+             "break_reasons": [], "fallback_reasons": []}  # fmt: skip
+    assert "*" not in format_table(_record(clean)).split("\n")[4]
+    fell = {**clean, "graphs": 3, "graph_breaks": 2, "fallbacks": 1, "flagged": True, "fell_back": True,
+            "fallback_reasons": ["Dynamo recompile limit exceeded"]}  # fmt: skip
+    table = format_table(_record(fell))
+    row = table.split("\n")[4]
+    assert " *" in row and "FELL BACK x1" in row and "3 graphs" in row
+    assert "recompile limit" in table and "ran eager (fallback or recompile): p 8 fp32" in table
+
+
+def test_examples_dataset_and_loss_match_torchvision_to_tensor_and_the_elbo():
+    imgs = (np.arange(2 * 784) % 256).astype(np.uint8).reshape(2, 28, 28)
+    x, label = ExamplesMNIST(imgs)[1]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and label == 0
+    torch.testing.assert_close(x, torch.from_numpy(imgs[1]).float().div(255)[None])
+    torch.manual_seed(0)
+    model = ExamplesVAE()
+    recon, mu, logvar = model(x[None])
+    loss = loss_function(recon, x[None], mu, logvar)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_epoch_times_runs_every_contender_each_round_and_keeps_the_fastest(monkeypatch):
+    import fastvae.bench_examples as ex
+    from fastvae.bench import EPOCH_ROUNDS, epoch_times
+
+    calls = []
+    monkeypatch.setattr(
+        ex,
+        "examples_epoch",
+        lambda images, device: calls.append(1) or {"epoch_s": 9.0 - len(calls), "steps": 469},
+    )
+    data, x = _data()
+    out = epoch_times(None, {"eager": make_contender("eager", CFG, data, x, 16, "fp32")}, torch.device("cpu"))
+    assert len(calls) == EPOCH_ROUNDS >= 2
+    assert out["examples-loop"]["epoch_s"] == 9.0 - EPOCH_ROUNDS == min(out["examples-loop"]["epoch_s_runs"])
+    e = out["eager"]
+    assert len(e["epoch_s_runs"]) == EPOCH_ROUNDS and e["steps"] == 3 and np.isfinite(e["mean_loss"])
