@@ -32,7 +32,6 @@ import torch
 from fastvae.config import DTYPES
 from fastvae.data import DeviceData
 from fastvae.fused import FusedVAE
-from fastvae.kernels.adam import HYPER_SIZE
 from fastvae.noise import binarize as binarize_rows
 from fastvae.schedules import TRAIN_BINARIZE_SALT, step_noise
 
@@ -125,6 +124,8 @@ class TrainStep:
                 "exp_avg_sq": v[o : o + n].view_as(p),
             }
             o += n
+        from fastvae.kernels.adam import HYPER_SIZE  # here: Triton is an optional extra
+
         self.hyper = torch.zeros(HYPER_SIZE, dtype=torch.float64, device=dev)
         beta1, beta2 = group["betas"]
         self.hyper.copy_(torch.tensor([float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]],

@@ -161,3 +161,18 @@ def test_cosine_lr_schedule_is_what_adam_uses(tmp_path, tiny_npz, engine, monkey
     expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 40)) for s in range(40)]
     assert used == pytest.approx(expected, rel=1e-6)  # every one of the 40 steps
     assert [m["lr"] for m in res.metrics] == pytest.approx([expected[s - 1] for s in (10, 20, 30, 40)])
+
+
+def test_training_on_the_reference_backend_needs_no_triton(tmp_path, tiny_npz):
+    """Triton is an optional extra: the CPU training path must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any import of triton now fails
+        "from fastvae.cli import main\n"
+        f"raise SystemExit(main(['train', '--data', {str(tiny_npz)!r}, '--out', {str(tmp_path / 'r')!r}, "
+        "'--hidden-dims', '8', '--latent-dim', '2', '--max-steps', '3', '--device', 'cpu', '--quiet']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
