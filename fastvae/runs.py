@@ -150,7 +150,10 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, hold: list[Any]) -> tuple[
         raise FastVAEError(f"{out}: exists and is not a directory")
     has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
     if not cfg.resume and has_run and not cfg.overwrite:
-        raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
+        raise FastVAEError(
+            f"{out}: already holds a run; continue it with resume=True (--resume), replace it with "
+            "overwrite=True (--overwrite), or choose another out"
+        )
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         hold.append(_lock(out))  # before --overwrite deletes anything: never another live training's files
