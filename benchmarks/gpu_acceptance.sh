@@ -8,16 +8,33 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+REPO=$PWD
+PYTEST="python3 -m pytest"
+if ! python3 -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    # Nothing can be fetched there, so no build isolation; if that machine's setuptools cannot read this
+    # pyproject, import from a shadow tree that applies the package-dir mapping (kernels/, export/)
+    # instead, and run from outside the checkout so ./fastvae does not shadow it.
+    echo "editable install failed (see install.log); using a shadow tree on PYTHONPATH" | tee -a "$OUT/install.log"
+    SHADOW=/tmp/fastvae-path
+    rm -rf "$SHADOW" && mkdir -p "$SHADOW/fastvae"
+    for f in "$REPO"/fastvae/*; do ln -s "$f" "$SHADOW/fastvae/"; done
+    ln -s "$REPO/kernels" "$SHADOW/fastvae/kernels" && ln -s "$REPO/export" "$SHADOW/fastvae/export"
+    export PYTHONPATH=$SHADOW
+    PYTEST="python3 -m pytest --import-mode=importlib --rootdir=$REPO -c $REPO/pyproject.toml"
+    cd /tmp
+fi
+python3 -c "import fastvae.kernels, fastvae.export; print('fastvae from', fastvae.__file__)" | tee -a "$OUT/install.log"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
 case "${1:-tests}" in
 tests)
-    python3 -m pytest -q tests/test_kernels.py tests/test_engine.py -rs 2>&1 | tee "$OUT/pytest-gpu.log"
+    # the compiled resource table (registers, spills, CTAs, dot instruction) next to the timings it explains
+    python3 -m fastvae.kernels.resources --matrix --json "$OUT/resources.json" >"$OUT/resources.txt" 2>&1
+    $PYTEST -q "$REPO"/tests/test_kernels.py "$REPO"/tests/test_engine.py -rs 2>&1 | tee "$OUT/pytest-gpu.log"
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
-            compute-sanitizer --tool "$tool" --target-processes all python3 -m pytest -q -x tests/test_kernels.py \
+            compute-sanitizer --tool "$tool" --target-processes all $PYTEST -q -x "$REPO"/tests/test_kernels.py \
                 -k "equal_the_reference and B37" 2>&1 | tail -n 30 >"$OUT/sanitizer-$tool.log"
         done
     else
@@ -25,18 +42,18 @@ tests)
     fi
     ;;
 bench)
-    fastvae bench --steps 200 --warmup 20 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    python3 -m fastvae bench --steps 200 --warmup 20 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     ;;
 train)
     for backend in triton torch; do
-        /usr/bin/time -f "%e s wall" fastvae train --epochs 10 --backend "$backend" --device cuda --quiet \
+        /usr/bin/time -f "%e s wall" python3 -m fastvae train --epochs 10 --backend "$backend" --device cuda --quiet \
             --overwrite --out "/tmp/pe-$backend" 2>&1 | tail -n 3 | tee "$OUT/train-pe-$backend.log"
         cp "/tmp/pe-$backend/metrics.jsonl" "$OUT/metrics-pe-$backend.jsonl"
     done
     # iwae: as long as the call allows (continue in a later call with --resume after carrying /tmp/iwae back)
-    fastvae train --preset iwae --epochs 3280 --backend triton --device cuda --quiet --overwrite --out /tmp/iwae \
+    python3 -m fastvae train --preset iwae --epochs 3280 --backend triton --device cuda --quiet --overwrite --out /tmp/iwae \
         --time-limit "${IWAE_SECONDS:-300}" 2>&1 | tail -n 3 | tee "$OUT/train-iwae.log"
-    fastvae eval /tmp/iwae --iw 5000 --json --device cuda | tee "$OUT/eval-iwae.json"
+    python3 -m fastvae eval /tmp/iwae --iw 5000 --json --device cuda | tee "$OUT/eval-iwae.json"
     cp /tmp/iwae/metrics.jsonl "$OUT/metrics-iwae.jsonl"
     ;;
 esac

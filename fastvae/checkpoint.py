@@ -74,7 +74,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    # copies: the fused engine's parameters and Adam moments are views of flat buffers (and its step count
+    # one tensor shared by every parameter), which safetensors refuses to save as they are
+    return save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
 
 
 def sha256(data: bytes) -> str:

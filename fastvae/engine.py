@@ -14,6 +14,13 @@ Choices:
   all-reduce would tie the graph to NCCL's capture support, which this engine does not rely on.
 - bf16: fp32 master weights; the batch is cast to bf16 and the fused kernels compute in bf16 with fp32
   accumulation, loss and KL; the reference model runs under ``torch.autocast``.
+- A FusedVAE trained with ``torch.optim.Adam`` over resident uint8 data takes the fused step
+  (``fastvae.kernels.vae.EngineStep``): no autograd and no aten op, 2L + 2 Triton kernels (6 for
+  ``pytorch-example``, 10 for ``iwae``). The first gathers the batch from the uint8 data by index and
+  binarizes it by the row rule of ``fastvae.noise`` (the same draw as the autograd step), the last applies Adam in its epilogue to a flat parameter buffer (the model's parameters become
+  views of it; the optimizer's state entries become views of the flat moments, so its state_dict and a
+  checkpoint resume keep working), and the kernels advance the cursor, the RNG counter, the Adam step and
+  the loss accumulator. Any other model or optimizer takes the autograd step below.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from fastvae.config import DTYPES
 from fastvae.data import DeviceData
 from fastvae.fused import FusedVAE
+from fastvae.kernels.adam import HYPER_SIZE
 from fastvae.noise import binarize as binarize_rows
 from fastvae.schedules import TRAIN_BINARIZE_SALT, step_noise
 
@@ -65,8 +73,7 @@ class TrainStep:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         set_matmul_precision(dtype)
         dev = self.device
-        # The data as float once (MNIST: 188 MB), so a batch is one gather, not gather + convert + scale.
-        self.x = data.batch(torch.arange(len(data), device=dev))  # (N, D)
+        self.n_rows = len(data)
         self.steps_per_epoch = len(data) // batch_size
         # (steps, B) row indices of the epoch's batches, rewritten in place by load_epoch
         self.batches = torch.zeros(self.steps_per_epoch, batch_size, dtype=torch.int64, device=dev)
@@ -79,6 +86,61 @@ class TrainStep:
         self.loss_acc = torch.zeros(batch_size, dtype=torch.float32, device=dev)  # (B,) summed over steps
         self.steps_run = 0
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._fused = self._fused_step(data) if _fusable(model, optimizer, data, free_bits) else None
+        # The autograd step reads the data as float once (MNIST: 188 MB): a batch is one gather, not
+        # gather + convert + scale. The fused step reads the uint8 data itself.
+        self.x = data.batch(torch.arange(len(data), device=dev)) if self._fused is None else None
+
+    def _fused_step(self, data: DeviceData):
+        """Flat parameters and Adam state shared with the model and the optimizer, and the fused step."""
+        from fastvae.kernels.activations import ACT_CODES
+        from fastvae.kernels.row_noise import key_words
+        from fastvae.kernels.vae import EngineStep, Plan
+        from fastvae.kernels.weight_grad import AdamBuffers
+
+        model, dev, cfg = self.model, self.device, self.model.config
+        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        plan = Plan(self.batch_size, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim,
+                    ACT_CODES[cfg.activation], compute)  # fmt: skip
+        params = [p for name, p in model.named_parameters() if name != "output_logvar"]
+        assert [tuple(p.shape) for p in params] == plan.param_shapes()
+        total = sum(p.numel() for p in params)
+        f32 = dict(dtype=torch.float32, device=dev)
+        flat, m, v, grad = (torch.zeros(total, **f32) for _ in range(4))
+        group = self.opt.param_groups[0]
+        state0 = self.opt.state.get(params[0], {})
+        step = torch.tensor(float(state0["step"]) if "step" in state0 else 0.0, **f32)
+        o = 0
+        for p in params:
+            n, st = p.numel(), self.opt.state.get(p, {})
+            flat[o : o + n].copy_(p.detach().flatten())
+            if "exp_avg" in st:  # resuming: keep the restored moments
+                m[o : o + n].copy_(st["exp_avg"].flatten())
+                v[o : o + n].copy_(st["exp_avg_sq"].flatten())
+            p.data = flat[o : o + n].view_as(p)
+            # the optimizer's state is views of the flat buffers: its state_dict sees every fused update
+            self.opt.state[p] = {
+                "step": step,
+                "exp_avg": m[o : o + n].view_as(p),
+                "exp_avg_sq": v[o : o + n].view_as(p),
+            }
+            o += n
+        self.hyper = torch.zeros(HYPER_SIZE, dtype=torch.float64, device=dev)
+        beta1, beta2 = group["betas"]
+        self.hyper.copy_(torch.tensor([float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]],
+                                      dtype=torch.float64))  # fmt: skip
+        lowp = flat.to(compute) if compute != torch.float32 else None
+        src, views, o = (lowp if lowp is not None else flat), [], 0
+        for p in params:
+            views.append(src[o : o + p.numel()].view_as(p))
+            o += p.numel()
+        self.flat_params, self.grad = flat, grad
+        return EngineStep(
+            plan, weights=views[0::2], biases=views[1::2], adam=AdamBuffers(flat, m, v, self.hyper, step, lowp),
+            grad=grad, data=data.x, batches=self.batches, cursor=self.cursor, rng_state=model.rng_state,
+            beta=self.beta, loss_acc=self.loss_acc, grad_weight=self.grad_weight,
+            binarize=(self.epoch_base, *key_words(self.seed, TRAIN_BINARIZE_SALT)) if self.binarize else None,
+        )  # fmt: skip
 
     # ---- schedule inputs (written outside the graph, read inside it) ----------------------------
     def load_epoch(self, perm: torch.Tensor, epoch: int = 0, first: int = 0) -> None:
@@ -86,9 +148,11 @@ class TrainStep:
         n = self.steps_per_epoch * self.batch_size
         self.batches.copy_(perm[:n].view(self.steps_per_epoch, self.batch_size))
         self.cursor.fill_(first)
-        self.epoch_base.fill_(epoch * len(self.x))
+        self.epoch_base.fill_(epoch * self.n_rows)
 
     def set_lr(self, lr: float) -> None:
+        if self._fused is not None:
+            self.hyper[0].fill_(lr)
         for group in self.opt.param_groups:
             if torch.is_tensor(group["lr"]):
                 group["lr"].fill_(lr)
@@ -106,6 +170,9 @@ class TrainStep:
 
     # ---- the step ----------------------------------------------------------------------------------
     def _body(self) -> None:
+        if self._fused is not None:
+            self._fused()  # the whole step: 2L + 2 kernels, no autograd
+            return
         # Python only: the backward allocates fresh gradients (from the graph's pool when captured), so
         # no zeroing kernel and no per-parameter accumulate kernel run.
         self.opt.zero_grad(set_to_none=True)
@@ -149,6 +216,22 @@ class TrainStep:
                 self._body()
             self._graph.replay()  # capture records, it does not run: run this step now
         self.steps_run += 1
+
+
+def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData, free_bits: float) -> bool:
+    """Can the step run as the fused kernel sequence (EngineStep)? A FusedVAE (not an autoencoder) with a
+    Bernoulli likelihood and no free bits, plain Adam over exactly its parameters in one group, uint8 resident data."""
+    if not isinstance(model, FusedVAE) or model.config.likelihood != "bernoulli" or not data.scaled:
+        return False
+    if free_bits > 0 or model.config.is_ae:  # the fused step draws eps in-kernel; the AE has none
+        return False
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+        return False
+    g = opt.param_groups[0]
+    if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
+        return False
+    mine = {id(p) for n, p in model.named_parameters() if n != "output_logvar"}
+    return {id(p) for p in g["params"]} == mine and data.x.dtype == torch.uint8
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cuda_graph: bool) -> torch.optim.Optimizer:

@@ -1,23 +1,25 @@
-"""The output step: decoder output GEMM + Bernoulli log-likelihood + its gradient, in one pass.
+"""The output step: decoder output GEMM + Bernoulli log-likelihood + its gradient, on a 2-D grid.
 
     logits = h' W_out^T + b_out
     rec    = sum_d softplus(logits) - x * logits          (BCE with logits, summed per sample, fp32)
-    loss   = rec + beta * kl                               (the per-sample -ELBO)
     dlogits = sigmoid(logits) - x                          (written now: the loss is terminal)
 
+One program per (row block, output-feature tile): at B = 128 that is 8 x 13 = 104 CTAs for MNIST's 784
+outputs, where one program per row block gave 8. Each program writes its tile's BCE row sums to its own
+slot of a (tiles, M) buffer; the per-sample loss rec + beta * kl is summed from the slots in a fixed
+order by the next kernel (deterministic, no atomics): by the output layer's input-gradient kernel in the
+engine's step, or by the small :func:`finalize_loss` kernel when the autograd forward must return it.
 The logits and probabilities are never stored; the backward only scales dlogits by grad_output (as
-Liger-Kernel's fused linear + cross-entropy does). One program owns a block of rows and walks all D
-output columns, so the per-sample sum is a deterministic register reduction with no atomics.
-Program 0 also advances the in-kernel RNG counter, after the latent kernel read it (stream order
-makes that safe, and the step stays correct under CUDA-graph replay).
+Liger-Kernel's fused linear + cross-entropy does).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels.heuristics import dot_precision, launch, row_blocks
+from fastvae.kernels.heuristics import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, Tiles, launch
 from fastvae.kernels.tiles import rows_times_wt
 
 
@@ -27,60 +29,107 @@ def _bernoulli_output_kernel(
     w_ptr,  # (D, K) output weight
     b_ptr,  # (D,) output bias
     x_ptr,  # (M, D) targets in [0, 1]
-    kl_ptr,  # (M,) per-sample KL from the latent kernel, fp32
-    beta_ptr,  # () KL weight, fp32 device scalar
-    loss_ptr,  # (M,) output per-sample -ELBO, fp32
     dlogits_ptr,  # (M, D) output sigmoid(logits) - x
-    rng_ptr,  # int64 [seed, counter]: counter set to used + 1 when ADVANCE_RNG
-    rng_used_ptr,  # int64 [seed, counter] the latent kernel used
+    rp_ptr,  # (T, M) fp32 output: this tile's BCE row sums, T = the grid's feature tiles
     M,
     D,
     K,
-    ADVANCE_RNG: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
-    rec = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_mask = rn < D
-        acc = rows_times_wt(hd_ptr, w_ptr, rm, rn, M, D, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        logits = acc + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        x = tl.load(x_ptr + rm[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        # softplus(l) - x l, written stably: max(l, 0) - x l + log(1 + exp(-|l|))
-        e = tl.exp(-tl.abs(logits))
-        bce = tl.maximum(logits, 0.0) - x * logits + tl.log(1.0 + e)
-        rec += tl.sum(tl.where(mask, bce, 0.0), axis=1)
-        # sigmoid from the same exp: l >= 0 -> 1 / (1 + e), l < 0 -> e / (1 + e)
-        sig = tl.where(logits >= 0, 1.0, e) / (1.0 + e)
-        tl.store(
-            dlogits_ptr + rm[:, None] * D + rn[None, :], (sig - x).to(dlogits_ptr.dtype.element_ty), mask=mask
-        )
-    kl = tl.load(kl_ptr + rm, mask=m_mask, other=0.0)
-    tl.store(loss_ptr + rm, rec + tl.load(beta_ptr) * kl, mask=m_mask)
+    n_mask = rn < D
+    acc = rows_times_wt(hd_ptr, w_ptr, rm, rn, M, D, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    logits = acc + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    x = tl.load(x_ptr + rm[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    # softplus(l) - x l, written stably: max(l, 0) - x l + log(1 + exp(-|l|))
+    e = tl.exp(-tl.abs(logits))
+    bce = tl.maximum(logits, 0.0) - x * logits + tl.log(1.0 + e)
+    tl.store(rp_ptr + pid_n * M + rm, tl.sum(tl.where(mask, bce, 0.0), axis=1), mask=m_mask)
+    # sigmoid from the same exp: l >= 0 -> 1 / (1 + e), l < 0 -> e / (1 + e)
+    sig = tl.where(logits >= 0, 1.0, e) / (1.0 + e)
+    tl.store(
+        dlogits_ptr + rm[:, None] * D + rn[None, :], (sig - x).to(dlogits_ptr.dtype.element_ty), mask=mask
+    )
+
+
+@triton.jit
+def _finalize_loss_kernel(
+    rp_ptr,  # (T, M) fp32 BCE partial row sums
+    kl_ptr,  # (M,) fp32 KL
+    beta_ptr,  # () fp32 KL weight
+    loss_ptr,  # (M,) fp32 output per-sample -ELBO
+    rng_ptr,  # int64 [seed, counter]: counter advanced by program 0 (ADVANCE_RNG); None otherwise
+    rng_used_ptr,  # int64 [2] output: the key this step used, for the backward (ADVANCE_RNG)
+    M,
+    T,
+    ADVANCE_RNG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK + tl.arange(0, BLOCK)
+    m_mask = rm < M
+    rec = tl.load(rp_ptr + rm, mask=m_mask, other=0.0)
+    for t in range(1, T):  # fixed order: deterministic
+        rec += tl.load(rp_ptr + t * M + rm, mask=m_mask, other=0.0)
+    tl.store(
+        loss_ptr + rm, rec + tl.load(beta_ptr) * tl.load(kl_ptr + rm, mask=m_mask, other=0.0), mask=m_mask
+    )
     if ADVANCE_RNG:
+        # every kernel that reads the key ran before this one (stream order)
         if pid == 0:
-            tl.store(rng_ptr + 1, tl.load(rng_used_ptr + 1) + 1)
+            seed = tl.load(rng_ptr)
+            counter = tl.load(rng_ptr + 1)
+            tl.store(rng_used_ptr, seed)
+            tl.store(rng_used_ptr + 1, counter)
+            tl.store(rng_ptr + 1, counter + 1)
 
 
-def bernoulli_output_forward(hd, w, b, x, kl, beta, loss, dlogits, rng_state, rng_used) -> None:
-    """Launch the output kernel; pass ``rng_used`` None when the caller supplied eps (nothing to advance)."""
+def bernoulli_output_forward(
+    *,
+    hd: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    x: torch.Tensor,
+    dlogits: torch.Tensor,
+    rec_partials: torch.Tensor,
+    tiles: Tiles,
+    precision: str,
+) -> None:
     m, k = hd.shape
     d = w.shape[0]
     assert w.shape == (d, k) and x.shape == (m, d) and dlogits.shape == (m, d)
-    blk = row_blocks(m)
-    advance = rng_used is not None
-    # grid: one program per block of rows, each walking all D columns (deterministic row sums)
-    grid = (triton.cdiv(m, blk.rows),)
+    assert rec_partials.shape == (triton.cdiv(d, tiles.cols), m)
+    # grid: one program per (row block, output-feature tile)
+    grid = (triton.cdiv(m, tiles.rows), triton.cdiv(d, tiles.cols))
     launch(
         _bernoulli_output_kernel, grid,
-        hd, w, b, x, kl, beta, loss, dlogits, rng_state, rng_used if advance else rng_state, m, d, k,
-        ADVANCE_RNG=advance, PRECISION=dot_precision(hd.dtype), BLOCK_M=blk.rows, BLOCK_N=blk.cols,
-        BLOCK_K=blk.red, num_warps=blk.warps,
+        hd_ptr=hd, w_ptr=w, b_ptr=b, x_ptr=x, dlogits_ptr=dlogits, rp_ptr=rec_partials, M=m, D=d, K=k,
+        PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols, BLOCK_K=tiles.red, num_warps=tiles.warps,
+    )  # fmt: skip
+
+
+def finalize_loss(
+    *,
+    rec_partials: torch.Tensor,
+    kl: torch.Tensor,
+    beta: torch.Tensor,
+    loss: torch.Tensor,
+    rng_state: torch.Tensor | None,
+    rng_used: torch.Tensor | None,
+) -> None:
+    """loss = sum of the BCE partials + beta * kl; with ``rng_state``, snapshot it to ``rng_used`` and advance."""
+    t, m = rec_partials.shape
+    # grid: one program per ELEMENTWISE_BLOCK rows
+    launch(
+        _finalize_loss_kernel, (triton.cdiv(m, ELEMENTWISE_BLOCK),),
+        rp_ptr=rec_partials, kl_ptr=kl, beta_ptr=beta, loss_ptr=loss, rng_ptr=rng_state, rng_used_ptr=rng_used,
+        M=m, T=t, ADVANCE_RNG=rng_state is not None, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip

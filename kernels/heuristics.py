@@ -1,56 +1,106 @@
-"""Launch heuristics for every fastvae kernel, in one place, and the launch counter the tests read.
+"""Launch settings for every fastvae kernel, in one place, and the one launch helper.
 
 Fixed heuristics rather than ``triton.autotune``: autotuning reruns a kernel on live buffers, which
-corrupts kernels that update state in place (the RNG counter advanced by the output kernel), and its
-tuning runs would land inside a CUDA-graph capture. The numbers below are starting points chosen for
-shape legality (``tl.dot`` needs every block dimension >= 16) and for small-batch parallelism; they have
-not yet been tuned on a GPU (no GPU was available when they were written).
+corrupts kernels that update state in place (the RNG counter, the Adam moments, the step cursor), and its
+tuning runs would land inside a CUDA-graph capture. The numbers are chosen from the resource report
+(``python -m fastvae.kernels.resources``: compiled for sm_90, not timed), see the comment on each.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import triton
 
-# Kernel launches issued through :func:`launch` since the last :func:`reset_launch_count`.
-_LAUNCHES = [0]
+# The H100 SXM has 132 SMs; the H200 has the same count. Grids are sized against it.
+H100_SMS = 132
+# Work-count goal for one launch: a kernel carrying a large GEMM at B = 128 should have at least this many
+# CTAs (the issue's target; about 3/4 of the SMs busy in the first wave).
+MIN_CTAS_LARGE_GEMM = 96
 
-
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Launch a Triton kernel and count it (the launch-count test asserts the per-step total)."""
-    _LAUNCHES[0] += 1
-    kernel[grid](*args, **kwargs)
-
-
-def launch_count() -> int:
-    return _LAUNCHES[0]
-
-
-def reset_launch_count() -> None:
-    _LAUNCHES[0] = 0
+# While recording (the resource report), launches are captured here instead of run.
+_RECORDING: list[list] = []
 
 
 @dataclass(frozen=True)
-class Blocks:
+class Launch:
+    """One recorded launch: the kernel, its grid, its keyword arguments (launch options included)."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", str(self.kernel))
+
+    @property
+    def ctas(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
+    """Launch ``kernel`` on ``grid`` with keyword arguments only (recorded instead when recording)."""
+    if _RECORDING:
+        _RECORDING[-1].append(Launch(kernel, tuple(grid), dict(kwargs)))
+        return
+    kernel[grid](**kwargs)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Collect the launches issued inside the block without running them (tensors may live on ``meta``)."""
+    out: list[Launch] = []
+    _RECORDING.append(out)
+    try:
+        yield out
+    finally:
+        _RECORDING.pop()
+
+
+@dataclass(frozen=True)
+class Tiles:
     rows: int  # BLOCK_M: batch rows per program
-    cols: int  # BLOCK_N: output features per tile
-    red: int  # BLOCK_K: reduction (input-feature) chunk
+    cols: int  # BLOCK_N: output features per program (the second grid axis)
+    red: int  # BLOCK_K: reduction chunk
     warps: int
 
 
-def row_blocks(batch: int) -> Blocks:
-    """Tiles for the row-local kernels (forward and input-gradient chains).
+def layer_tiles(batch: int, width: int, dtype: torch.dtype) -> Tiles:
+    """Tiles of the row-local kernels (forward layers, input gradients): a 2-D grid (row blocks x feature tiles).
 
-    Small batches get 16-row blocks so that more programs exist (B = 128 gives 8 row blocks); large
-    batches get 64-row blocks so that each weight tile streamed from L2 serves more rows.
+    Small batches: 16-row blocks and the widest feature tile that still gives >= MIN_CTAS_LARGE_GEMM
+    programs. B = 128 has 8 row blocks, so a 784-wide layer takes 64-column tiles (8 x 13 = 104 CTAs) and a
+    400-wide one 32-column tiles (8 x 13 = 104), 4 warps (48-72 registers in fp32, report). Larger batches:
+    32 (<= 4096 rows) or 64 rows per block with 64-column tiles and 8 warps, so that each weight tile streamed
+    from L2 serves more rows; with 4 warps the 64 x 64 fp32 tiles used 255 registers and spilled (report,
+    sm_90, compiled, not timed).
     """
     if batch <= 512:
-        return Blocks(16, 64, 32, 4)
+        rows = 16
+        cols = 64
+        while cols > 16 and triton.cdiv(batch, rows) * triton.cdiv(width, cols) < MIN_CTAS_LARGE_GEMM:
+            cols //= 2
+        return Tiles(rows, cols, 32, 4)
     if batch <= 4096:
-        return Blocks(32, 64, 32, 4)
-    return Blocks(64, 64, 32, 4)
+        return Tiles(32, 64, 32, 8)
+    return Tiles(64, 64, 32, 8)
+
+
+# The gathering first layer (uint8 load, scale, row-hash binarization per element) reduces in 16-column
+# chunks: with 32, the hash's live values pushed ptxas to 128 registers and 24-48 spilled bytes (paper
+# B = 1024, iwae B = 16384, fp32); with 16, 68-128 registers and no spill in every cell (report, sm_90).
+GATHER_BLOCK_K = 16
+
+
+def gather_tiles(t: Tiles) -> Tiles:
+    return Tiles(t.rows, t.cols, GATHER_BLOCK_K, t.warps)
 
 
 def latent_pad(z: int) -> int:
@@ -58,22 +108,46 @@ def latent_pad(z: int) -> int:
     return max(16, triton.next_power_of_2(z))
 
 
-# Weight-gradient tiles: (BLOCK_N, BLOCK_K, rows per inner step). One size serves every matrix of the
-# step because a single launch covers all of them.
-WGRAD_BLOCK_N = 32
-WGRAD_BLOCK_K = 32
-WGRAD_BLOCK_R = 32
-# Rows of the batch one weight-gradient program reduces before handing its partial sum to stage two.
-WGRAD_ROWS_PER_SPLIT = 512
-WGRAD_MAX_SPLITS = 32
+@dataclass(frozen=True)
+class WgradTiles:
+    n: int  # BLOCK_N: rows of dW per program
+    k: int  # BLOCK_K: columns of dW per program
+    r: int  # BLOCK_R: batch rows per inner step (the GEMM's reduction chunk)
+    warps: int
 
 
-def wgrad_splits(batch: int) -> int:
-    """Split-K factor over the batch: 1 (no second stage) up to 512 rows, then one split per 512 rows."""
-    return max(1, min(WGRAD_MAX_SPLITS, triton.cdiv(batch, WGRAD_ROWS_PER_SPLIT)))
+def wgrad_tiles(dtype: torch.dtype, batch: int) -> WgradTiles:
+    """Weight-gradient GEMM tiles: the batch is the reduction dimension.
+
+    fp32 (IEEE FMA dots): 64 x 64 with 16-row chunks and 16 warps. With Adam in the epilogue (pytorch-example,
+    B = 128, report, sm_90): 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled, 8 warps with
+    32-row chunks 177 (1 CTA/SM), 16 warps 80 registers, no spill, 16 warps resident per SM.
+    bf16 / TF32: 128 x 128 on tensor cores (wgmma) with 32-row chunks, 8 warps: 253 registers, no spill. Where
+    the batch is too small to split (< 2 x WGRAD_MIN_ROWS_PER_SPLIT rows), 64 x 128 (244 registers), so
+    that pytorch-example has 112 CTAs instead of 64 at B = 128 and 1,024.
+    """
+    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
+        return WgradTiles(64, 64, 16, 16)
+    if batch < 2 * WGRAD_MIN_ROWS_PER_SPLIT:
+        return WgradTiles(64, 128, 32, 8)
+    return WgradTiles(128, 128, 32, 8)
 
 
-REDUCE_BLOCK = 1024
+# Minimum batch rows a split-K program reduces: below this a split costs more (an extra pass over the
+# (S, P) partials) than the SMs it fills.
+WGRAD_MIN_ROWS_PER_SPLIT = 1024
+WGRAD_MAX_SPLITS = 16
+
+
+def wgrad_splits(batch: int, tiles: int) -> int:
+    """Split-K over the batch only to fill the SMs: enough splits for two CTAs per SM, each >= 1024 rows."""
+    want = triton.cdiv(2 * H100_SMS, max(tiles, 1))
+    return max(1, min(WGRAD_MAX_SPLITS, want, batch // WGRAD_MIN_ROWS_PER_SPLIT))
+
+
+# Elements per program of the elementwise kernels (split-K sum + Adam, loss): 1024 fp32 = 8 per thread.
+ELEMENTWISE_BLOCK = 1024
+ELEMENTWISE_WARPS = 4
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,20 +1,24 @@
-"""The latent step in one launch each way.
+"""The latent step, split across a 2-D grid with no kernel of its own in the forward.
 
-Forward (one program per block of rows, carried through the whole step):
-    [mu | logvar] = h W_head^T + b_head          encoder head GEMM
-    z = mu + exp(0.5 logvar) * eps               reparameterization
-    kl = -0.5 sum(1 + logvar - mu^2 - exp(logvar))  per-sample KL, in fp32
-    h'0 = act(z W_dec0^T + b_dec0)               first decoder layer: z never leaves registers first
+Forward. The last encoder layer's kernel emits, per feature tile t, the partial products
+    P_t = h[:, tile t] @ W_head[:, tile t]^T            (M, 2 ZP), fp32
+and the next kernel (the first decoder layer, one program per row block x feature tile) sums them in a
+fixed order t = 0, 1, ... (deterministic, no atomics) and finishes the latent step in its prologue:
+    [mu | logvar] = sum_t P_t + b_head
+    z = mu + exp(0.5 logvar) * eps
+    kl = -0.5 sum(1 + logvar - mu^2 - exp(logvar))     per sample, fp32
+Every feature-tile program of that kernel recomputes this (M x 2ZP x tiles additions, a few kFLOP per row
+block): cheaper than a launch. The programs of the first feature tile write mu, logvar, z and kl.
 
 eps is either given by the caller (exact comparison with the reference) or drawn in the kernel with
 Philox, keyed by (seed, counter) read from a device tensor and by the sample's global row index: nothing
 is baked into a CUDA graph, and the backward regenerates eps from the same key instead of storing it.
 
-Backward (one program per block of rows):
-    dz = dh'0 W_dec0                              (dh'0: gradient at the first decoder pre-activation)
+Backward (:func:`latent_backward`, one program per row block x encoder feature tile). The first decoder
+layer's input-gradient kernel emits partial dz per feature tile; this kernel sums them in order and
     dmu = dz + s beta mu
     dlogvar = dz eps 0.5 exp(0.5 logvar) + s beta 0.5 (exp(logvar) - 1)
-    dh = ([dmu | dlogvar] W_head) * act'(h)       gradient at the encoder's last pre-activation
+    dh[:, tile] = ([dmu | dlogvar] W_head[:, tile]) * act'(h[:, tile])
 with s the per-sample grad_output. The padded latent columns (Z -> ZP >= 16) are masked to zero.
 """
 
@@ -24,109 +28,102 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels.activations import act_grad_from_output, apply_act
-from fastvae.kernels.heuristics import dot_precision, latent_pad, launch, row_blocks
+from fastvae.kernels.activations import act_grad_from_output
+from fastvae.kernels.heuristics import latent_pad, launch
+
+# Philox key spreading: counter * an odd 63-bit constant spreads successive counters over the key's bits.
+EPS_KEY_MULT = tl.constexpr(0x632BE59BD9B4E019)
+PI = tl.constexpr(3.141592653589793)
+# Rows of the eps-drawing helper kernel's programs.
+DRAW_EPS_ROWS = 16
 
 
 @triton.jit
-def _philox_eps(rng_ptr, rows, cols, Z):
-    """Standard-normal eps for (global row, latent column): Philox keyed by seed + counter * an odd
-    63-bit constant, which spreads successive counters over the key's bits."""
+def _box_muller_cos(u1, u2):
+    """sqrt(-2 log u1) cos(2 pi u2): Box-Muller as ``tl.randn`` computes it, with the cosine from a polynomial.
+
+    ``tl.randn`` calls libdevice's cosf, whose large-argument reduction (never reached for 2 pi u2 < 2 pi)
+    keeps a 28-byte local-memory array: ptxas counted 12-24 spill bytes in every kernel drawing eps (iwae,
+    resource report, sm_90). Here cos(2 pi u) = 2 s^2 - 1 with s = sin(pi (u - 1/2)), |pi (u - 1/2)| <= pi/2,
+    from its Taylor series to h^13 (truncation error < 7e-10): plain FMAs, no local memory.
+    """
+    u1 = tl.maximum(1.0e-7, u1)
+    h = PI * (u2 - 0.5)
+    h2 = h * h
+    p = -1.0 / 39916800.0 + h2 * (1.0 / 6227020800.0)
+    p = 1.0 / 362880.0 + h2 * p
+    p = -1.0 / 5040.0 + h2 * p
+    p = 1.0 / 120.0 + h2 * p
+    p = -1.0 / 6.0 + h2 * p
+    s = h * (1.0 + h2 * p)
+    return tl.sqrt(-2.0 * tl.log(u1)) * (2.0 * s * s - 1.0)
+
+
+@triton.jit
+def philox_eps(rng_ptr, rows, cols, Z):
+    """Standard-normal eps for (global row, latent column), keyed by the device [seed, counter]."""
     seed = tl.load(rng_ptr)
     counter = tl.load(rng_ptr + 1)
-    key = seed + counter * 0x632BE59BD9B4E019
+    key = seed + counter * EPS_KEY_MULT
     offsets = (rows[:, None] * Z + cols[None, :]).to(tl.int32)
-    return tl.randn(key, offsets)
+    i1, i2, _, _ = tl.randint4x(key, offsets)
+    return _box_muller_cos(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
 
 
 @triton.jit
-def _latent_fwd_kernel(
-    h_ptr,  # (M, H) encoder's last hidden activation
-    wh_ptr,  # (2Z, H) encoder head weight: rows 0..Z-1 give mu, Z..2Z-1 give logvar
-    bh_ptr,  # (2Z,) encoder head bias
-    eps_ptr,  # (M, Z) caller's noise; unused when USE_RNG
-    rng_ptr,  # int64 [seed, counter] device tensor; read when USE_RNG
-    rng_used_ptr,  # int64 [2] output: the key used (for the backward and for advancing the counter)
-    wd_ptr,  # (H0', Z) first decoder layer weight
-    bd_ptr,  # (H0',) first decoder layer bias
-    mulv_ptr,  # (M, 2Z) output [mu | logvar], fp32
-    z_ptr,  # (M, Z) output z, in the activation dtype (the decoder's weight gradient reads it)
-    kl_ptr,  # (M,) output per-sample KL, fp32
-    hd_ptr,  # (M, H0') output act(z W_dec0^T + b_dec0)
+def latent_rows(
+    hp_ptr,  # (T, M, 2 ZP) fp32 head partials of the last encoder layer's T feature tiles
+    bh_ptr,  # (2Z,) head bias
+    eps_ptr,  # (M, Z) fp32 caller noise; None when USE_RNG
+    rng_ptr,  # int64 [seed, counter]; read when USE_RNG
+    mulv_ptr,  # (M, 2Z) fp32 output [mu | logvar]
+    z_ptr,  # (M, Z) output z in the activation dtype
+    kl_ptr,  # (M,) fp32 output KL
+    rm,  # (BLOCK_M,) rows
+    write_rows,  # rows below this index are written (M in the programs that write mulv, z, kl; else 0)
     M,
-    H,
     Z,
-    HD,  # H0', width of the first decoder layer
-    row_offset,  # global index of row 0 (rank * local batch under DDP): keys the in-kernel noise
+    T,
+    row_offset,
     USE_RNG: tl.constexpr,
-    ACT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ZP: tl.constexpr,  # Z padded to a power of two >= 16
+    ZP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Finish the latent step for rows ``rm``; returns z (BLOCK_M, ZP) in the activation dtype."""
     rz = tl.arange(0, ZP)
     m_mask = rm < M
     z_mask = rz < Z
     mz_mask = m_mask[:, None] & z_mask[None, :]
-
-    # encoder head: mu and logvar as two (BLOCK_M, ZP) accumulators
-    acc_mu = tl.zeros((BLOCK_M, ZP), dtype=tl.float32)
-    acc_lv = tl.zeros((BLOCK_M, ZP), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < H
-        a = tl.load(h_ptr + rm[:, None] * H + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wk_mask = k_mask[:, None] & z_mask[None, :]
-        w_mu = tl.load(wh_ptr + rz[None, :] * H + rk[:, None], mask=wk_mask, other=0.0)
-        w_lv = tl.load(wh_ptr + (rz[None, :] + Z) * H + rk[:, None], mask=wk_mask, other=0.0)
-        acc_mu = tl.dot(a, w_mu.to(a.dtype), acc_mu, input_precision=PRECISION)
-        acc_lv = tl.dot(a, w_lv.to(a.dtype), acc_lv, input_precision=PRECISION)
-    mu = acc_mu + tl.load(bh_ptr + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
-    lv = acc_lv + tl.load(bh_ptr + Z + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
-
-    # reparameterization and KL, fp32
+    base = hp_ptr + rm[:, None] * (2 * ZP) + rz[None, :]
+    mu = tl.load(base, mask=m_mask[:, None], other=0.0)
+    lv = tl.load(base + ZP, mask=m_mask[:, None], other=0.0)
+    for t in range(1, T):  # fixed order: deterministic
+        mu += tl.load(base + t * M * (2 * ZP), mask=m_mask[:, None], other=0.0)
+        lv += tl.load(base + t * M * (2 * ZP) + ZP, mask=m_mask[:, None], other=0.0)
+    mu += tl.load(bh_ptr + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
+    lv += tl.load(bh_ptr + Z + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
     if USE_RNG:
-        eps = _philox_eps(rng_ptr, row_offset + rm, rz, Z)
-        if pid == 0:
-            tl.store(rng_used_ptr, tl.load(rng_ptr))
-            tl.store(rng_used_ptr + 1, tl.load(rng_ptr + 1))
+        eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
     else:
         eps = tl.load(eps_ptr + rm[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
-    var = tl.exp(lv)
-    z = mu + tl.exp(0.5 * lv) * eps
-    z = tl.where(mz_mask, z, 0.0)
-    kl = tl.sum(tl.where(mz_mask, -0.5 * (1.0 + lv - mu * mu - var), 0.0), axis=1)
-    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], mu, mask=mz_mask)
-    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], lv, mask=mz_mask)
+    z = tl.where(mz_mask, mu + tl.exp(0.5 * lv) * eps, 0.0)
+    kl = tl.sum(tl.where(mz_mask, -0.5 * (1.0 + lv - mu * mu - tl.exp(lv)), 0.0), axis=1)
     zc = z.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rm[:, None] * Z + rz[None, :], zc, mask=mz_mask)
-    tl.store(kl_ptr + rm, kl, mask=m_mask)
-
-    # first decoder layer from z held in registers
-    for n0 in range(0, HD, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_mask = rn < HD
-        w = tl.load(wd_ptr + rn[None, :] * Z + rz[:, None], mask=z_mask[:, None] & n_mask[None, :], other=0.0)
-        y = tl.dot(zc, w.to(zc.dtype), input_precision=PRECISION)
-        y = apply_act(y + tl.load(bd_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :], ACT)
-        tl.store(
-            hd_ptr + rm[:, None] * HD + rn[None, :],
-            y.to(hd_ptr.dtype.element_ty),
-            mask=m_mask[:, None] & n_mask[None, :],
-        )
+    wmask = mz_mask & (rm < write_rows)[:, None]
+    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], mu, mask=wmask)
+    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], lv, mask=wmask)
+    tl.store(z_ptr + rm[:, None] * Z + rz[None, :], zc, mask=wmask)
+    tl.store(kl_ptr + rm, kl, mask=rm < write_rows)
+    return zc
 
 
+# Long by design: one fused kernel (its stages share registers and one launch); splitting it into
+# helpers would not shorten what a reader must follow, and each stage is commented where it starts.
 @triton.jit
 def _latent_bwd_kernel(
-    dhd_ptr,  # (M, H0') gradient at the first decoder layer's pre-activation (already scaled by s)
-    wd_ptr,  # (H0', Z) first decoder layer weight
+    dzp_ptr,  # (T, M, ZP) fp32 partial dz of the first decoder layer's T feature tiles (already scaled by s)
     mulv_ptr,  # (M, 2Z) saved [mu | logvar], fp32
-    eps_ptr,  # (M, Z) caller's noise; unused when USE_RNG
-    rng_used_ptr,  # int64 [seed, counter] the forward used; read when USE_RNG
+    eps_ptr,  # (M, Z) caller's noise; None when USE_RNG
+    rng_ptr,  # int64 [seed, counter] the forward used; read when USE_RNG
     s_ptr,  # (M,) grad_output of the per-sample loss
     s_stride,  # element stride of s (0 for an expanded scalar)
     beta_ptr,  # () KL weight, fp32 device scalar
@@ -134,41 +131,34 @@ def _latent_bwd_kernel(
     h_ptr,  # (M, H) encoder's last hidden activation (for act')
     dmulv_ptr,  # (M, 2Z) output [dmu | dlogvar] (the head's weight gradient reads it)
     dh_ptr,  # (M, H) output gradient at the encoder's last pre-activation
-    M,
-    H,
-    Z,
-    HD,
-    row_offset,
+    M,  # rows
+    H,  # encoder's last hidden width
+    Z,  # latent width
+    T,  # dz partials to sum
+    row_offset,  # global index of row 0 (keys the regenerated noise)
     USE_RNG: tl.constexpr,
     ACT: tl.constexpr,  # encoder activation
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # encoder features per program
     ZP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rz = tl.arange(0, ZP)
     m_mask = rm < M
     z_mask = rz < Z
     mz_mask = m_mask[:, None] & z_mask[None, :]
 
-    # dz = dh'0 W_dec0
-    dz = tl.zeros((BLOCK_M, ZP), dtype=tl.float32)
-    for k0 in range(0, HD, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < HD
-        g = tl.load(
-            dhd_ptr + rm[:, None] * HD + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        w = tl.load(wd_ptr + rk[:, None] * Z + rz[None, :], mask=k_mask[:, None] & z_mask[None, :], other=0.0)
-        dz = tl.dot(g, w.to(g.dtype), dz, input_precision=PRECISION)
-
+    base = dzp_ptr + rm[:, None] * ZP + rz[None, :]
+    dz = tl.load(base, mask=m_mask[:, None], other=0.0)
+    for t in range(1, T):  # fixed order: deterministic
+        dz += tl.load(base + t * M * ZP, mask=m_mask[:, None], other=0.0)
     mu = tl.load(mulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], mask=mz_mask, other=0.0)
     lv = tl.load(mulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], mask=mz_mask, other=0.0)
     if USE_RNG:
-        eps = _philox_eps(rng_used_ptr, row_offset + rm, rz, Z)
+        eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
     else:
         eps = tl.load(eps_ptr + rm[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + rm * s_stride, mask=m_mask, other=0.0).to(tl.float32)[:, None]
@@ -178,22 +168,22 @@ def _latent_bwd_kernel(
     dlv = tl.where(mz_mask, dz * eps * 0.5 * std + sb * 0.5 * (std * std - 1.0), 0.0)
     dmu_c = dmu.to(dmulv_ptr.dtype.element_ty)
     dlv_c = dlv.to(dmulv_ptr.dtype.element_ty)
-    tl.store(dmulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], dmu_c, mask=mz_mask)
-    tl.store(dmulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], dlv_c, mask=mz_mask)
+    # the first feature tile's programs write [dmu | dlogvar] (a row bound of 0 masks the others)
+    wmask = (rm[:, None] < tl.where(pid_n == 0, M, 0)) & z_mask[None, :]
+    tl.store(dmulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], dmu_c, mask=wmask)
+    tl.store(dmulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], dlv_c, mask=wmask)
 
-    # dh = ([dmu | dlogvar] W_head) * act'(h)
-    for n0 in range(0, H, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_mask = rn < H
-        wz_mask = z_mask[:, None] & n_mask[None, :]
-        w_mu = tl.load(wh_ptr + rz[:, None] * H + rn[None, :], mask=wz_mask, other=0.0)
-        w_lv = tl.load(wh_ptr + (rz[:, None] + Z) * H + rn[None, :], mask=wz_mask, other=0.0)
-        acc = tl.dot(dmu_c, w_mu.to(dmu_c.dtype), input_precision=PRECISION)
-        acc = tl.dot(dlv_c, w_lv.to(dlv_c.dtype), acc, input_precision=PRECISION)
-        mn_mask = m_mask[:, None] & n_mask[None, :]
-        h = tl.load(h_ptr + rm[:, None] * H + rn[None, :], mask=mn_mask, other=0.0).to(tl.float32)
-        acc = acc * act_grad_from_output(h, ACT)
-        tl.store(dh_ptr + rm[:, None] * H + rn[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mn_mask)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < H
+    wz_mask = z_mask[:, None] & n_mask[None, :]
+    w_mu = tl.load(wh_ptr + rz[:, None] * H + rn[None, :], mask=wz_mask, other=0.0)
+    w_lv = tl.load(wh_ptr + (rz[:, None] + Z) * H + rn[None, :], mask=wz_mask, other=0.0)
+    acc = tl.dot(dmu_c, w_mu.to(dmu_c.dtype), input_precision=PRECISION)
+    acc = tl.dot(dlv_c, w_lv.to(dlv_c.dtype), acc, input_precision=PRECISION)
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    h = tl.load(h_ptr + rm[:, None] * H + rn[None, :], mask=mn_mask, other=0.0).to(tl.float32)
+    acc = acc * act_grad_from_output(h, ACT)
+    tl.store(dh_ptr + rm[:, None] * H + rn[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mn_mask)
 
 
 @triton.jit
@@ -208,52 +198,50 @@ def _draw_eps_kernel(
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rz = tl.arange(0, ZP)
-    eps = _philox_eps(rng_ptr, row_offset + rm, rz, Z)
+    eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
     tl.store(out_ptr + rm[:, None] * Z + rz[None, :], eps, mask=(rm[:, None] < M) & (rz[None, :] < Z))
 
 
-def latent_forward(
-    h, w_head, b_head, eps, rng_state, rng_used, w_dec, b_dec, act, row_offset, mulv, z, kl, hd
-) -> None:  # fmt: skip
-    """Launch the latent forward; ``eps`` None draws the noise in-kernel from ``rng_state``."""
-    m, hdim = h.shape
-    zdim = z.shape[1]
-    assert w_head.shape == (2 * zdim, hdim) and w_dec.shape[1] == zdim and mulv.shape == (m, 2 * zdim)
-    blk = row_blocks(m)
-    use_rng = eps is None
-    # grid: one program per block of rows; each carries its rows from h through to h'0
-    grid = (triton.cdiv(m, blk.rows),)
-    launch(
-        _latent_fwd_kernel, grid,
-        h, w_head, b_head, eps if eps is not None else h, rng_state, rng_used, w_dec, b_dec, mulv, z, kl, hd,
-        m, hdim, zdim, w_dec.shape[0], row_offset,
-        USE_RNG=use_rng, ACT=act, PRECISION=dot_precision(h.dtype), BLOCK_M=blk.rows, BLOCK_N=blk.cols,
-        BLOCK_K=blk.red, ZP=latent_pad(zdim), num_warps=blk.warps,
-    )  # fmt: skip
-
-
 def latent_backward(
-    dhd, w_dec, mulv, eps, rng_used, grad_out, beta, w_head, h, act, row_offset, dmulv, dh
-) -> None:  # fmt: skip
+    *,
+    dz_partials: torch.Tensor,
+    mulv: torch.Tensor,
+    eps: torch.Tensor | None,
+    rng_state: torch.Tensor,
+    grad_out: torch.Tensor,
+    beta: torch.Tensor,
+    w_head: torch.Tensor,
+    h: torch.Tensor,
+    act: int,
+    row_offset: int,
+    dmulv: torch.Tensor,
+    dh: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    warps: int,
+    precision: str,
+) -> None:
     m, hdim = h.shape
-    zdim = w_dec.shape[1]
-    blk = row_blocks(m)
-    # grid: one program per block of rows
-    grid = (triton.cdiv(m, blk.rows),)
+    zdim = mulv.shape[1] // 2
+    # grid: one program per (row block, encoder feature tile); each sums the dz partials itself
+    grid = (triton.cdiv(m, block_m), triton.cdiv(hdim, block_n))
     launch(
         _latent_bwd_kernel, grid,
-        dhd, w_dec, mulv, eps if eps is not None else mulv, rng_used if rng_used is not None else mulv, grad_out,
-        grad_out.stride(0), beta, w_head, h, dmulv, dh,
-        m, hdim, zdim, w_dec.shape[0], row_offset,
-        USE_RNG=eps is None, ACT=act, PRECISION=dot_precision(dhd.dtype), BLOCK_M=blk.rows, BLOCK_N=blk.cols,
-        BLOCK_K=blk.red, ZP=latent_pad(zdim), num_warps=blk.warps,
+        dzp_ptr=dz_partials, mulv_ptr=mulv, eps_ptr=eps, rng_ptr=rng_state, s_ptr=grad_out,
+        s_stride=grad_out.stride(0), beta_ptr=beta, wh_ptr=w_head, h_ptr=h, dmulv_ptr=dmulv, dh_ptr=dh,
+        M=m, H=hdim, Z=zdim, T=dz_partials.shape[0], row_offset=row_offset,
+        USE_RNG=eps is None, ACT=act, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        ZP=latent_pad(zdim), num_warps=warps,
     )  # fmt: skip
 
 
 def draw_eps(rng_state: torch.Tensor, rows: int, z: int, row_offset: int = 0) -> torch.Tensor:
     """The eps the fused kernels draw for ``rng_state`` (for tests and for checking against the reference)."""
     out = torch.empty(rows, z, dtype=torch.float32, device=rng_state.device)
-    # grid: one program per block of 16 rows
-    launch(_draw_eps_kernel, (triton.cdiv(rows, 16),), rng_state, out, rows, z, row_offset, BLOCK_M=16,
-           ZP=latent_pad(z))  # fmt: skip
+    # grid: one program per block of DRAW_EPS_ROWS rows
+    launch(
+        _draw_eps_kernel, (triton.cdiv(rows, DRAW_EPS_ROWS),),
+        rng_ptr=rng_state, out_ptr=out, M=rows, Z=z, row_offset=row_offset, BLOCK_M=DRAW_EPS_ROWS,
+        ZP=latent_pad(z),
+    )  # fmt: skip
     return out

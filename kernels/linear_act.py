@@ -1,5 +1,16 @@
-"""Hidden MLP layers: y = act(x W^T + b) in one kernel, and its input gradient with the activation
-derivative fused into the same pass: dx = ((s * dy) W) * act'(x).
+"""Hidden MLP layers on a 2-D grid (row blocks x feature tiles): y = act(a W^T + b) and its input gradient
+dx = ((s * dy) W) * act'(h), each in one kernel, with the neighbouring step fused where it is row-local:
+
+forward, the A operand (``A_MODE``):
+    A_LOAD    a is read from memory (an earlier layer's output, or the caller's x);
+    A_GATHER  the first layer reads its rows straight from the resident uint8 data set by index
+              (``batches[cursor, row]``), scales to [0, 1] and binarizes with counter-keyed Philox noise
+              when asked; the first feature tile's programs write the compute-dtype x for the backward;
+    A_LATENT  a is z, finished in the prologue from the previous kernel's head partials (see latent.py).
+forward epilogue: ``HEAD`` (last encoder layer) also emits this tile's partial of the encoder head GEMM.
+backward: ``DZ`` (first decoder layer) also emits this tile's partial dz = dx_tile W_dec0[tile, :], and
+``FINALIZE`` (the output layer's input gradient) sums the BCE partials of the output kernel into the
+per-sample loss (+ beta KL) and, with ``ACCUMULATE``, adds it to the engine's device loss accumulator.
 
 The forward stores only y: for ReLU the backward mask is y > 0 and for tanh the derivative is 1 - y^2,
 so no pre-activation is kept. Weights may be fp32 (master copy) while activations are bf16: a tile is
@@ -8,29 +19,102 @@ cast to the activation dtype as it is loaded, and every dot accumulates in fp32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from fastvae.kernels.activations import act_grad_from_output, apply_act
-from fastvae.kernels.heuristics import dot_precision, launch, row_blocks
-from fastvae.kernels.tiles import rows_times_wt
+from fastvae.kernels.heuristics import Tiles, latent_pad, launch
+from fastvae.kernels.latent import latent_rows
+from fastvae.kernels.row_noise import row_uniform
+
+A_LOAD = 0
+A_GATHER = 1
+A_LATENT = 2
+UINT8_SCALE = tl.constexpr(255.0)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """A_GATHER: the first layer's rows come from the resident uint8 data set."""
+
+    data: torch.Tensor  # (N, D) uint8
+    batches: torch.Tensor  # (steps, B) int64 data indices of the epoch's batches
+    cursor: torch.Tensor  # int64 [1] this step's batch
+    x_out: torch.Tensor  # (B, D) the gathered batch, compute dtype
+    binarize: tuple[torch.Tensor, int, int] | None = None  # (epoch_base int64 (), key_lo, key_hi) or None
+
+
+@dataclass(frozen=True)
+class LatentIn:
+    """A_LATENT: z is finished in the prologue from the head partials of the previous kernel."""
+
+    partials: torch.Tensor  # (T, B, 2 ZP) fp32 head partials
+    b_head: torch.Tensor  # (2Z,) head bias
+    eps: torch.Tensor | None  # (B, Z) fp32 caller noise, or None: drawn from rng
+    rng: torch.Tensor  # int64 [seed, counter]
+    mulv: torch.Tensor  # (B, 2Z) fp32 out
+    z: torch.Tensor  # (B, Z) out, compute dtype
+    kl: torch.Tensor  # (B,) fp32 out
+
+
+@dataclass(frozen=True)
+class LossFinalize:
+    """FINALIZE: sum the output kernel's BCE partials into the per-sample loss (+ beta KL)."""
+
+    rec_partials: torch.Tensor  # (T, B) fp32
+    kl: torch.Tensor  # (B,) fp32
+    beta: torch.Tensor  # () fp32
+    loss: torch.Tensor  # (B,) fp32 out
+    loss_acc: torch.Tensor | None = (
+        None  # (B,) fp32 device accumulator, += loss (ACCUMULATE)  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
+    )
+
+
+# Long by design: one fused kernel (its stages share registers and one launch); splitting it into
+# helpers would not shorten what a reader must follow, and each stage is commented where it starts.
 @triton.jit
-def _linear_act_fwd_kernel(
-    x_ptr,  # (M, K) input activations, row-major
-    w_ptr,  # (N, K) weight, nn.Linear layout (out_features, in_features)
+def _layer_fwd_kernel(
+    a_ptr,  # (M, K) input activations (A_LOAD); None otherwise
+    data_ptr,  # (N_data, K) uint8 resident data set (A_GATHER); None otherwise
+    batches_ptr,  # (steps, M) int64 row indices of the epoch's batches (A_GATHER)
+    cursor_ptr,  # int64 [1] index of this step's batch in ``batches`` (A_GATHER)
+    epoch_base_ptr,  # int64 () epoch * N: sample id = epoch_base + data index keys the binarization (BINARIZE)
+    x_out_ptr,  # (M, K) output: the gathered batch in the compute dtype (A_GATHER)
+    hp_ptr,  # (T_in, M, 2 ZP) fp32 head partials of the previous kernel (A_LATENT)
+    bh_ptr,  # (2Z,) encoder head bias (A_LATENT)
+    eps_ptr,  # (M, Z) fp32 caller noise (A_LATENT and not USE_RNG); None otherwise
+    rng_ptr,  # int64 [seed, counter] (A_LATENT with USE_RNG)
+    mulv_ptr,  # (M, 2Z) fp32 output [mu | logvar] (A_LATENT)
+    z_ptr,  # (M, Z) output z (A_LATENT)
+    kl_ptr,  # (M,) fp32 output KL (A_LATENT)
+    w_ptr,  # (N, K) weight, nn.Linear layout
     b_ptr,  # (N,) bias
-    y_ptr,  # (M, N) output act(x W^T + b), written in x's dtype
+    y_ptr,  # (M, N) output act(a W^T + b), in the compute dtype
+    whead_ptr,  # (2Z, N) encoder head weight (HEAD); None otherwise
+    hp_out_ptr,  # (T, M, 2 ZP) fp32 output head partials, T = the grid's feature tiles (HEAD)
+    step_ptr,  # () fp32 Adam step counter, incremented by program (0, 0) (BUMP_STEP); None otherwise
     M,  # rows (batch)
     N,  # output features
-    K,  # input features
+    K,  # input features (Z when A_LATENT)
+    Z,  # latent width (A_LATENT, HEAD)
+    T_in,  # head partials to sum (A_LATENT)
+    row_offset,  # global index of row 0: keys the in-kernel eps
+    key_lo,  # int32 words of noise.mix(seed, salt) for the binarization (BINARIZE)
+    key_hi,
+    A_MODE: tl.constexpr,  # A_LOAD, A_GATHER or A_LATENT
+    BINARIZE: tl.constexpr,  # A_GATHER: x = [u < pixel], u by fastvae.noise's row rule (row_noise.py)
+    USE_RNG: tl.constexpr,  # A_LATENT: eps drawn in-kernel
+    HEAD: tl.constexpr,  # emit head partials
+    BUMP_STEP: tl.constexpr,  # advance the optimizer's step counter
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 tanh
     PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ZP: tl.constexpr,  # Z padded to a power of two >= 16
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -38,33 +122,96 @@ def _linear_act_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    acc = rows_times_wt(x_ptr, w_ptr, rm, rn, M, N, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    # the first feature tile's programs write the per-row outputs: a row bound of 0 masks the others
+    write_rows = tl.where(pid_n == 0, M, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if A_MODE == 2:
+        zc = latent_rows(hp_ptr, bh_ptr, eps_ptr, rng_ptr, mulv_ptr, z_ptr, kl_ptr, rm, write_rows, M, Z, T_in,
+                         row_offset, USE_RNG, ZP)  # fmt: skip
+        rz = tl.arange(0, ZP)
+        w = tl.load(
+            w_ptr + rn[None, :] * K + rz[:, None], mask=(rz[:, None] < K) & n_mask[None, :], other=0.0
+        )
+        acc = tl.dot(zc, w.to(zc.dtype), acc, input_precision=PRECISION)
+    else:
+        if A_MODE == 1:
+            cursor = tl.load(cursor_ptr)
+            src = tl.load(batches_ptr + cursor * M + rm, mask=m_mask, other=0)
+            if BINARIZE:
+                ids = tl.load(epoch_base_ptr) + src  # run-wide sample ids (schedules.sample_ids)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            mk_mask = m_mask[:, None] & k_mask[None, :]
+            if A_MODE == 1:
+                px = tl.load(data_ptr + src[:, None] * K + rk[None, :], mask=mk_mask, other=0)
+                xf = tl.div_rn(px.to(tl.float32), UINT8_SCALE)  # exact, as torch divides
+                if BINARIZE:
+                    u = row_uniform(ids, rk, key_lo, key_hi)
+                    xf = (u < xf).to(tl.float32)
+                a = xf.to(x_out_ptr.dtype.element_ty)
+                tl.store(
+                    x_out_ptr + rm[:, None] * K + rk[None, :], a, mask=mk_mask & (rm < write_rows)[:, None]
+                )
+            else:
+                a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mk_mask, other=0.0)
+            # (BLOCK_K, BLOCK_N) tile of W^T
+            w = tl.load(
+                w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            )
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
     bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     y = apply_act(acc + bias[None, :], ACT)
-    tl.store(
-        y_ptr + rm[:, None] * N + rn[None, :],
-        y.to(y_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+    yc = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], yc, mask=m_mask[:, None] & n_mask[None, :])
+    if HEAD:
+        # this tile's share of [mu | logvar] = h W_head^T: (BLOCK_M, ZP) each, padded columns are zero
+        rz = tl.arange(0, ZP)
+        wz_mask = n_mask[:, None] & (rz[None, :] < Z)
+        w_mu = tl.load(whead_ptr + rz[None, :] * N + rn[:, None], mask=wz_mask, other=0.0)
+        w_lv = tl.load(whead_ptr + (rz[None, :] + Z) * N + rn[:, None], mask=wz_mask, other=0.0)
+        p_mu = tl.dot(yc, w_mu.to(yc.dtype), input_precision=PRECISION)
+        p_lv = tl.dot(yc, w_lv.to(yc.dtype), input_precision=PRECISION)
+        out = hp_out_ptr + (pid_n * M + rm[:, None]) * (2 * ZP) + rz[None, :]
+        tl.store(out, p_mu, mask=m_mask[:, None])
+        tl.store(out + ZP, p_lv, mask=m_mask[:, None])
+    if BUMP_STEP:
+        if pid_m + pid_n == 0:
+            tl.store(step_ptr, tl.load(step_ptr) + 1.0)
 
 
+# Long by design: one fused kernel (its stages share registers and one launch); splitting it into
+# helpers would not shorten what a reader must follow, and each stage is commented where it starts.
 @triton.jit
-def _linear_bwd_input_kernel(
-    dy_ptr,  # (M, N) gradient w.r.t. this layer's pre-activation output
-    w_ptr,  # (N, K) weight of this layer
-    h_ptr,  # (M, K) this layer's input = the previous layer's activated output (for act'); unused if ACT == 0
-    s_ptr,  # (M,) per-row scale of dy (grad_output of the per-sample loss); unused unless ROW_SCALE
+def _layer_bwd_kernel(
+    dy_ptr,  # (M, N) gradient at this layer's pre-activation output (unscaled when ROW_SCALE)
+    s_ptr,  # (M,) per-row scale of dy (ROW_SCALE, FINALIZE); None otherwise
     s_stride,  # element stride of s: 0 when grad_output is an expanded scalar (the backward of mean())
+    w_ptr,  # (N, K) weight of this layer
+    h_ptr,  # (M, K) this layer's input = the previous layer's activated output (for act'); None if ACT == 0
     dx_ptr,  # (M, K) output: ((s * dy) W) * act'(h)
+    wz_ptr,  # (K, Z) first decoder layer weight (DZ): this layer's input gradient is that layer's dy
+    dzp_ptr,  # (T, M, ZP) fp32 output dz partials, T = the grid's feature tiles (DZ)
+    rp_ptr,  # (T_rec, M) fp32 BCE partial row sums of the output kernel (FINALIZE)
+    kl_ptr,  # (M,) fp32 KL (FINALIZE)
+    beta_ptr,  # () fp32 KL weight (FINALIZE)
+    loss_ptr,  # (M,) fp32 output per-sample -ELBO (FINALIZE)
+    loss_acc_ptr,  # (M,) fp32 device loss accumulator, += loss (ACCUMULATE)
     M,
     N,
     K,
+    Z,  # latent width (DZ)
+    T_rec,  # BCE partials per row (FINALIZE)
     ACT: tl.constexpr,  # activation that produced h (its derivative is applied); 0 for the network input
     ROW_SCALE: tl.constexpr,  # scale each row by s (dy was stored unscaled by the forward)
+    DZ: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # reduction chunk over N
-    BLOCK_K: tl.constexpr,  # output tile over K
+    BLOCK_K: tl.constexpr,  # output tile over K (the second grid axis)
+    ZP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,40 +235,107 @@ def _linear_bwd_input_kernel(
     if ACT != 0:
         h = tl.load(h_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = acc * act_grad_from_output(h, ACT)
-    tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    dxc = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + rm[:, None] * K + rk[None, :], dxc, mask=mask)
+    if DZ:
+        rz = tl.arange(0, ZP)
+        wz = tl.load(
+            wz_ptr + rk[:, None] * Z + rz[None, :], mask=k_mask[:, None] & (rz[None, :] < Z), other=0.0
+        )
+        dz = tl.dot(dxc, wz.to(dxc.dtype), input_precision=PRECISION)
+        tl.store(dzp_ptr + (pid_k * M + rm[:, None]) * ZP + rz[None, :], dz, mask=m_mask[:, None])
+    if FINALIZE:
+        if pid_k == 0:
+            rec = tl.load(rp_ptr + rm, mask=m_mask, other=0.0)
+            for t in range(1, T_rec):  # fixed order: deterministic
+                rec += tl.load(rp_ptr + t * M + rm, mask=m_mask, other=0.0)
+            loss = rec + tl.load(beta_ptr) * tl.load(kl_ptr + rm, mask=m_mask, other=0.0)
+            tl.store(loss_ptr + rm, loss, mask=m_mask)
+            if ACCUMULATE:
+                prev = tl.load(loss_acc_ptr + rm, mask=m_mask, other=0.0)
+                tl.store(loss_acc_ptr + rm, prev + loss, mask=m_mask)
 
 
-def linear_act_forward(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: int, out: torch.Tensor
+def layer_forward(
+    *,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    act: int,
+    tiles: Tiles,
+    precision: str,
+    a: torch.Tensor | None = None,
+    gather: Gather | None = None,
+    latent: LatentIn | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    step: torch.Tensor | None = None,
+    zdim: int = 0,
+    row_offset: int = 0,
 ) -> None:
-    """out (M, N) = act(x (M, K) @ w (N, K)^T + b); all contiguous, out in x's dtype."""
-    m, k = x.shape
-    n = w.shape[0]
-    assert w.shape == (n, k) and b.shape == (n,) and out.shape == (m, n), (x.shape, w.shape, out.shape)
-    blk = row_blocks(m)
+    """out (M, N) = act(A (M, K) @ w (N, K)^T + b) with A from ``a``, ``gather`` or ``latent``.
+
+    ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)); ``step``: the Adam step to advance.
+    """
+    m, n = out.shape
+    k = w.shape[1]
+    assert w.shape == (n, k) and b.shape == (n,), (w.shape, b.shape, out.shape)
+    mode = A_LATENT if latent is not None else A_GATHER if gather is not None else A_LOAD
+    binarize = gather is not None and gather.binarize is not None
+    epoch_base, key_lo, key_hi = gather.binarize if binarize else (None, 0, 0)
+    use_rng = latent is not None and latent.eps is None
+    g = gather if gather is not None else Gather(*(None,) * 4)
+    lat = latent if latent is not None else LatentIn(*(None,) * 7)
+    if head is not None:
+        assert head[1].shape[0] == triton.cdiv(n, tiles.cols), (head[1].shape, n, tiles)
     # grid: one program per (row block, output-feature tile)
-    grid = (triton.cdiv(m, blk.rows), triton.cdiv(n, blk.cols))
+    grid = (triton.cdiv(m, tiles.rows), triton.cdiv(n, tiles.cols))
     launch(
-        _linear_act_fwd_kernel, grid, x, w, b, out, m, n, k,
-        ACT=act, PRECISION=dot_precision(x.dtype), BLOCK_M=blk.rows, BLOCK_N=blk.cols, BLOCK_K=blk.red,
-        num_warps=blk.warps,
+        _layer_fwd_kernel, grid,
+        a_ptr=a, data_ptr=g.data, batches_ptr=g.batches, cursor_ptr=g.cursor, epoch_base_ptr=epoch_base,
+        x_out_ptr=g.x_out, hp_ptr=lat.partials, bh_ptr=lat.b_head, eps_ptr=lat.eps,
+        rng_ptr=lat.rng if use_rng else None, mulv_ptr=lat.mulv, z_ptr=lat.z, kl_ptr=lat.kl, w_ptr=w, b_ptr=b,
+        y_ptr=out, whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
+        M=m, N=n, K=k, Z=zdim, T_in=latent.partials.shape[0] if latent else 0, row_offset=row_offset,
+        key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None,
+        BUMP_STEP=step is not None, ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
+        BLOCK_K=latent_pad(k) if latent is not None else tiles.red, ZP=latent_pad(max(zdim, 1)),
+        num_warps=tiles.warps,
     )  # fmt: skip
 
 
-def linear_backward_input(
-    dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor | None, act: int, out: torch.Tensor,
+def layer_backward_input(
+    *,
+    dy: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    act: int,
+    out: torch.Tensor,
+    tiles: Tiles,
+    precision: str,
     row_scale: torch.Tensor | None = None,
-) -> None:  # fmt: skip
-    """out (M, K) = ((row_scale * dy) (M, N) @ w (N, K)) * act'(h); h is the layer input (unused if act is none)."""
+    dz: tuple[torch.Tensor, torch.Tensor] | None = None,
+    finalize: LossFinalize | None = None,
+) -> None:
+    """out (M, K) = ((row_scale * dy) (M, N) @ w (N, K)) * act'(h).
+
+    ``dz``: (w_dec0 (K, Z), partials out (tiles over K, M, ZP)).
+    """
     m, n = dy.shape
     k = w.shape[1]
     assert w.shape == (n, k) and out.shape == (m, k)
-    blk = row_blocks(m)
+    fin = finalize if finalize is not None else LossFinalize(*(None,) * 4)
+    zdim = dz[0].shape[1] if dz is not None else 0
+    if dz is not None:
+        assert dz[1].shape[0] == triton.cdiv(k, tiles.cols)
     # grid: one program per (row block, input-feature tile)
-    grid = (triton.cdiv(m, blk.rows), triton.cdiv(k, blk.cols))
+    grid = (triton.cdiv(m, tiles.rows), triton.cdiv(k, tiles.cols))
     launch(
-        _linear_bwd_input_kernel, grid, dy, w, h if h is not None else dy, row_scale if row_scale is not None else dy,
-        row_scale.stride(0) if row_scale is not None else 0, out, m, n, k,
-        ACT=act, ROW_SCALE=row_scale is not None, PRECISION=dot_precision(dy.dtype),
-        BLOCK_M=blk.rows, BLOCK_N=blk.red, BLOCK_K=blk.cols, num_warps=blk.warps,
+        _layer_bwd_kernel, grid,
+        dy_ptr=dy, s_ptr=row_scale, s_stride=row_scale.stride(0) if row_scale is not None else 0, w_ptr=w,
+        h_ptr=h if act != 0 else None, dx_ptr=out, wz_ptr=dz[0] if dz else None, dzp_ptr=dz[1] if dz else None,
+        rp_ptr=fin.rec_partials, kl_ptr=fin.kl, beta_ptr=fin.beta, loss_ptr=fin.loss, loss_acc_ptr=fin.loss_acc,
+        M=m, N=n, K=k, Z=zdim, T_rec=fin.rec_partials.shape[0] if finalize else 0,
+        ACT=act, ROW_SCALE=row_scale is not None, DZ=dz is not None, FINALIZE=finalize is not None,
+        ACCUMULATE=fin.loss_acc is not None, PRECISION=precision, BLOCK_M=tiles.rows,
+        BLOCK_N=tiles.red, BLOCK_K=tiles.cols, ZP=latent_pad(max(zdim, 1)), num_warps=tiles.warps,
     )  # fmt: skip

@@ -1,16 +1,24 @@
-"""Weight and bias gradients of every layer in one launch, deterministic.
+"""Weight and bias gradients of every layer as GEMM tiles in one launch, deterministic, optionally with Adam
+in the epilogue.
 
 For each layer g: dW_g = dy_g^T a_g and db_g = sum_rows dy_g, where dy_g (M, N_g) is the gradient at
-the layer's pre-activation and a_g (M, K_g) its input. All layers share one grouped launch: a small
-int64 table on the device describes each group (its first program, tiles, where dy and a live), and
-each program finds its group by scanning that table. Activations live in one workspace buffer (the
-network input x aside), so the table holds offsets, not pointers: it depends only on the shapes, is built
-once per shape, and stays valid inside a CUDA graph.
+the layer's pre-activation and a_g (M, K_g) its input: a GEMM whose reduction dimension is the batch.
+One program computes one (BLOCK_N, BLOCK_K) tile of one dW over its batch rows, streaming (BLOCK_R, BLOCK_N)
+and (BLOCK_R, BLOCK_K) chunks of dy and a into a dot (tensor cores in bf16 / TF32, FMA in IEEE fp32). All
+layers share one grouped launch: a small int64 table on the device describes each group (its first
+program, tiles, where dy and a live), and each program finds its group by scanning that table.
+Activations live in one workspace buffer (the network input x may live outside it), so the table holds
+offsets, not pointers: it depends only on the shapes, is built once per shape, and stays valid inside a
+CUDA graph.
 
-Determinism: the batch is split into S fixed row ranges (split-K over the batch); program (tile, s)
-writes its partial sum to its own slot of a (S, P) buffer and a second kernel adds the S slots in a
-fixed order. No float atomics, so two runs give bit-identical gradients. With S = 1 (batches up to
-512 rows) the first stage writes the gradients directly and the second launch is skipped.
+Split-K over the batch is used only to fill the SMs (see ``heuristics.wgrad_splits``): with S > 1,
+program (tile, s) writes its partial sum to its own slot of an (S, P) buffer and :func:`_split_sum_kernel`
+adds the S slots in a fixed order. No float atomics, so two runs give bit-identical gradients.
+
+Epilogue: the gradient tile is stored to the flat gradient buffer (autograd path), or, with FUSED_ADAM,
+handed to Adam (``adam.py``) and never stored (the engine's step). The engine's step also advances the
+step cursor and the RNG counter here (program 0): this is the step's last kernel and none of its programs
+reads either.
 """
 
 from __future__ import annotations
@@ -21,54 +29,79 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvae.kernels.adam import adam_apply, adam_scalars
 from fastvae.kernels.heuristics import (
-    REDUCE_BLOCK,
-    WGRAD_BLOCK_K,
-    WGRAD_BLOCK_N,
-    WGRAD_BLOCK_R,
-    dot_precision,
+    ELEMENTWISE_BLOCK,
+    ELEMENTWISE_WARPS,
+    WgradTiles,
     launch,
     wgrad_splits,
 )
 
-# Columns of the group table: first program, k tiles, a in x (0) or workspace (1), dy offset, a offset,
-# N, K, weight offset, bias offset, scale dy rows by grad_output (0/1).
-TABLE_COLS = 10
+# Columns of the group table, one row per layer.
+COL_START = tl.constexpr(0)  # first program of the group
+COL_TILES_K = tl.constexpr(1)  # K tiles per N tile
+COL_A_IN_X = tl.constexpr(2)  # 1: a is the network input x (x_ptr), 0: a lives in the workspace
+COL_DY_OFF = tl.constexpr(3)  # element offset of dy (M, N) in the workspace
+COL_A_OFF = tl.constexpr(4)  # element offset of a (M, K) in the workspace (0 for x)
+COL_N = tl.constexpr(5)
+COL_K = tl.constexpr(6)
+COL_W_OFF = tl.constexpr(7)  # offset of dW (N, K) in the flat parameter / gradient buffer
+COL_B_OFF = tl.constexpr(8)  # offset of db (N,)
+COL_SCALE_ROWS = tl.constexpr(9)  # 1: scale dy's rows by grad_output (dlogits is stored unscaled)
+TABLE_COLS = tl.constexpr(10)
+# Rows of a weight-gradient tile per Adam slice: 16 x 128 fp32 = 8 elements per thread at 8 warps.
+ADAM_ROWS = 16
 
 
+# Long by design: one fused kernel (its stages share registers and one launch); splitting it into
+# helpers would not shorten what a reader must follow, and each stage is commented where it starts.
 @triton.jit
 def _grouped_wgrad_kernel(
-    table_ptr,  # int64 (G, 10) group descriptors, see TABLE_COLS
-    ws_ptr,  # workspace holding every dy and every layer input except x
-    x_ptr,  # (M, D) network input (the first layer's a)
+    table_ptr,  # int64 (G, TABLE_COLS) group descriptors
+    ws_ptr,  # workspace holding every dy and every layer input except (maybe) x
+    x_ptr,  # (M, D) network input when it lives outside the workspace; None otherwise
     s_ptr,  # (M,) grad_output, scales dy rows of groups that ask for it
     s_stride,  # element stride of s (0 for an expanded scalar)
-    out_ptr,  # (S, P) fp32 partial gradients; the gradients themselves when S == 1
+    out_ptr,  # (S, P) fp32 partial gradients; the gradients themselves when S == 1 (Adam reads them back)
+    params_ptr,  # (P,) fp32 flat parameters (FUSED_ADAM); None otherwise
+    m_ptr,  # (P,) fp32 Adam first moments (FUSED_ADAM)
+    v_ptr,  # (P,) fp32 Adam second moments (FUSED_ADAM)
+    lowp_ptr,  # (P,) bf16 parameter copy the kernels read (WRITE_LOWP)
+    hyper_ptr,  # float64 Adam hyper-parameters (FUSED_ADAM), see adam.py
+    step_ptr,  # () fp32 Adam step (FUSED_ADAM)
+    cursor_ptr,  # int64 [1] step cursor, += 1 by program 0 (ADVANCE)
+    rng_ptr,  # int64 [seed, counter], counter += 1 by program 0 (ADVANCE)
     G,  # number of groups
     M,  # batch rows
     P,  # gradient elements over all groups (row stride of out)
     S,  # batch splits
     rows_per_split,
+    X_IN_WS: tl.constexpr,  # x lives in the workspace (the engine gathered it there)
+    FUSED_ADAM: tl.constexpr,
+    WRITE_LOWP: tl.constexpr,
+    ADVANCE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # batch rows per inner step
+    ADAM_ROWS: tl.constexpr,  # rows of the dW tile per Adam slice (FUSED_ADAM)
 ):
     pid = tl.program_id(0)
     grp = pid * 0  # an int32 tensor from the start, so the loop carries one type
-    for g in range(1, G):
-        grp = tl.where(pid >= tl.load(table_ptr + g * 10), g, grp)
-    row = table_ptr + grp * 10
-    start = tl.load(row)
-    tiles_k = tl.load(row + 1)
-    a_sel = tl.load(row + 2)
-    dy_off = tl.load(row + 3)
-    a_off = tl.load(row + 4)
-    N = tl.load(row + 5)
-    K = tl.load(row + 6)
-    w_off = tl.load(row + 7)
-    b_off = tl.load(row + 8)
-    scale_rows = tl.load(row + 9)
+    for gi in range(1, G):
+        grp = tl.where(pid >= tl.load(table_ptr + gi * TABLE_COLS + COL_START), gi, grp)
+    row = table_ptr + grp * TABLE_COLS
+    start = tl.load(row + COL_START)
+    tiles_k = tl.load(row + COL_TILES_K)
+    a_in_x = tl.load(row + COL_A_IN_X)
+    dy_off = tl.load(row + COL_DY_OFF)
+    a_off = tl.load(row + COL_A_OFF)
+    N = tl.load(row + COL_N)
+    K = tl.load(row + COL_K)
+    w_off = tl.load(row + COL_W_OFF)
+    b_off = tl.load(row + COL_B_OFF)
+    scale_rows = tl.load(row + COL_SCALE_ROWS)
 
     local = pid - start
     split = local % S
@@ -79,10 +112,13 @@ def _grouped_wgrad_kernel(
     rk = tk * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = rn < N
     k_mask = rk < K
-    if a_sel == 0:
-        a_base = x_ptr + a_off
-    else:
+    if X_IN_WS:
         a_base = ws_ptr + a_off
+    else:
+        if a_in_x != 0:
+            a_base = x_ptr + a_off
+        else:
+            a_base = ws_ptr + a_off
     dy_base = ws_ptr + dy_off
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -101,26 +137,70 @@ def _grouped_wgrad_kernel(
         a = tl.load(a_base + rr[:, None] * K + rk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(dy), a.to(dy.dtype), acc, input_precision=PRECISION)
         bacc += tl.sum(dy.to(tl.float32), axis=0)
+    w_offs = w_off + rn[:, None] * K + rk[None, :]
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    b_mask = rn < tl.where(tk == 0, N, 0)  # the first K tile's programs own the bias
     out = out_ptr + split * P
-    tl.store(out + w_off + rn[:, None] * K + rk[None, :], acc, mask=n_mask[:, None] & k_mask[None, :])
-    if tk == 0:
-        tl.store(out + b_off + rn, bacc, mask=n_mask)
+    tl.store(out + w_offs, acc, mask=w_mask)
+    tl.store(out + b_off + rn, bacc, mask=b_mask)
+    if FUSED_ADAM:
+        # Adam over the tile in ADAM_ROWS-row slices read back from the gradient this program just wrote
+        # (L2-resident): holding p, m, v for the whole tile next to the accumulator needed 255 registers and
+        # spilled 9.5 KB in bf16 at 128 x 128 (resource report, sm_90). The barrier makes the CTA's own
+        # stores visible to all its threads.
+        tl.debug_barrier()
+        step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2, eps, wd = adam_scalars(hyper_ptr, step_ptr)
+        for c in range(0, BLOCK_N, ADAM_ROWS):
+            rc = tn * BLOCK_N + c + tl.arange(0, ADAM_ROWS)
+            offs = w_off + rc[:, None] * K + rk[None, :]
+            mask = (rc < N)[:, None] & k_mask[None, :]
+            gw = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, offs, mask, gw, step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2,
+                       eps, wd, WRITE_LOWP)  # fmt: skip
+        gb = tl.load(out_ptr + b_off + rn, mask=b_mask, other=0.0)
+        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, b_off + rn, b_mask, gb, step_size, bc2_sqrt, one_m_b1, beta2,
+                   one_m_b2, eps, wd, WRITE_LOWP)  # fmt: skip
+    if ADVANCE:
+        if pid == 0:
+            tl.store(cursor_ptr, tl.load(cursor_ptr) + 1)
+            tl.store(rng_ptr + 1, tl.load(rng_ptr + 1) + 1)
 
 
 @triton.jit
 def _split_sum_kernel(
     part_ptr,  # (S, P) fp32 partial sums
-    out_ptr,  # (P,) fp32 output
+    out_ptr,  # (P,) fp32 output gradient (not FUSED_ADAM); None otherwise
+    params_ptr,  # (P,) fp32 flat parameters (FUSED_ADAM)
+    m_ptr,  # (P,) Adam first moments (FUSED_ADAM)
+    v_ptr,  # (P,) Adam second moments (FUSED_ADAM)
+    lowp_ptr,  # (P,) bf16 parameter copy (WRITE_LOWP)
+    hyper_ptr,  # float64 Adam hyper-parameters (FUSED_ADAM)
+    step_ptr,  # () fp32 Adam step (FUSED_ADAM)
+    cursor_ptr,  # int64 [1] step cursor (ADVANCE)
+    rng_ptr,  # int64 [seed, counter] (ADVANCE)
     P,
     S,
+    FUSED_ADAM: tl.constexpr,
+    WRITE_LOWP: tl.constexpr,
+    ADVANCE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):  # fixed order: deterministic
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, S):  # fixed order: deterministic
         acc += tl.load(part_ptr + s * P + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
+    if FUSED_ADAM:
+        step_size, bc2_sqrt, one_m_b1, beta2, one_m_b2, eps, wd = adam_scalars(hyper_ptr, step_ptr)
+        adam_apply(params_ptr, m_ptr, v_ptr, lowp_ptr, offs, mask, acc, step_size, bc2_sqrt, one_m_b1, beta2,
+                   one_m_b2, eps, wd, WRITE_LOWP)  # fmt: skip
+    else:
+        tl.store(out_ptr + offs, acc, mask=mask)
+    if ADVANCE:
+        if pid == 0:
+            tl.store(cursor_ptr, tl.load(cursor_ptr) + 1)
+            tl.store(rng_ptr + 1, tl.load(rng_ptr + 1) + 1)
 
 
 @dataclass(frozen=True)
@@ -136,46 +216,96 @@ class GradGroup:
     scale_rows: bool = False
 
 
+@dataclass(frozen=True)
+class AdamBuffers:
+    """The engine's flat optimizer state: Adam updates these in the weight-gradient epilogue."""
+
+    params: torch.Tensor  # (P,) fp32
+    exp_avg: torch.Tensor  # (P,) fp32
+    exp_avg_sq: torch.Tensor  # (P,) fp32
+    hyper: torch.Tensor  # float64 [lr, beta1, beta2, eps, weight_decay]
+    step: torch.Tensor  # () fp32
+    lowp: torch.Tensor | None = None  # (P,) bf16 copy the kernels read, refreshed here
+
+
 _TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
-def _table(groups: tuple[GradGroup, ...], splits: int, device: torch.device) -> tuple[torch.Tensor, int]:
+def group_tiles(groups: tuple[GradGroup, ...], tiles: WgradTiles) -> int:
+    return sum(triton.cdiv(g.n, tiles.n) * triton.cdiv(g.k, tiles.k) for g in groups)
+
+
+def _table(groups, tiles: WgradTiles, splits: int, device: torch.device, x_in_ws: bool):
     """The device table for ``groups`` (cached per shape: built and copied once) and the program count."""
-    key = (groups, splits, str(device))
+    key = (groups, tiles, splits, str(device), x_in_ws)
     if key not in _TABLES:
         rows, start = [], 0
         for g in groups:
-            tiles_n, tiles_k = triton.cdiv(g.n, WGRAD_BLOCK_N), triton.cdiv(g.k, WGRAD_BLOCK_K)
-            a_sel, a_off = (0, 0) if g.a_off is None else (1, g.a_off)
+            tiles_n, tiles_k = triton.cdiv(g.n, tiles.n), triton.cdiv(g.k, tiles.k)
+            a_in_x = g.a_off is None and not x_in_ws
+            a_off = 0 if g.a_off is None else g.a_off
             rows.append(
-                [start, tiles_k, a_sel, g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off, int(g.scale_rows)]
+                [start, tiles_k, int(a_in_x), g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off, int(g.scale_rows)]
             )
             start += tiles_n * tiles_k * splits
+        assert len(rows[0]) == TABLE_COLS.value
         _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=device), start)
     return _TABLES[key]
 
 
 def grouped_weight_grads(
+    *,
     groups: tuple[GradGroup, ...],
     ws: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     grad_out: torch.Tensor,
-    out: torch.Tensor,
+    batch: int,
+    tiles: WgradTiles,
+    precision: str,
+    out: torch.Tensor | None = None,
+    adam: AdamBuffers | None = None,
+    advance: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x_offset: int | None = None,
 ) -> None:
-    """Write every group's dW and db into the flat fp32 gradient ``out`` (P,), in 1 or 2 launches."""
-    m = x.shape[0]
+    """Every group's dW and db into the flat fp32 gradient ``out`` (P,), then through Adam when ``adam``.
+
+    ``x`` None: the network input lives in the workspace at ``x_offset`` (the groups' ``a_off`` None).
+    ``advance``: (cursor, rng_state) to advance by one in the step's last kernel. 1 or 2 launches.
+    """
+    assert out is not None, "the flat fp32 gradient buffer (Adam reads the gradient back from it)"
     p = out.numel()
-    assert x.dtype == ws.dtype and out.dtype == torch.float32
-    splits = wgrad_splits(m)
-    table, programs = _table(groups, splits, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), WGRAD_BLOCK_R) * WGRAD_BLOCK_R
-    part = out if splits == 1 else torch.empty(splits, p, dtype=torch.float32, device=out.device)
+    device = ws.device
+    x_in_ws = x is None
+    if x_in_ws:
+        groups = tuple(g if g.a_off is not None else GradGroup(g.dy_off, x_offset, g.n, g.k, g.w_off, g.b_off,
+                                                                g.scale_rows) for g in groups)  # fmt: skip
+    splits = wgrad_splits(batch, group_tiles(groups, tiles))
+    table, programs = _table(groups, tiles, splits, device, x_in_ws)
+    rows_per_split = triton.cdiv(triton.cdiv(batch, splits), tiles.r) * tiles.r
+    part = out if splits == 1 else torch.empty(splits, p, dtype=torch.float32, device=device)
+    fused_here = adam is not None and splits == 1
+    a = adam if adam is not None else AdamBuffers(*(None,) * 5)
+    adv = advance if advance is not None else (None, None)
     # grid: one program per (group, N tile, K tile, batch split)
     launch(
-        _grouped_wgrad_kernel, (programs,), table, ws, x, grad_out, grad_out.stride(0), part, len(groups), m, p, splits,
-        rows_per_split, PRECISION=dot_precision(x.dtype), BLOCK_N=WGRAD_BLOCK_N, BLOCK_K=WGRAD_BLOCK_K,
-        BLOCK_R=WGRAD_BLOCK_R,
+        _grouped_wgrad_kernel, (programs,),
+        table_ptr=table, ws_ptr=ws, x_ptr=x, s_ptr=grad_out, s_stride=grad_out.stride(0),
+        out_ptr=part,
+        params_ptr=a.params if fused_here else None, m_ptr=a.exp_avg if fused_here else None,
+        v_ptr=a.exp_avg_sq if fused_here else None, lowp_ptr=a.lowp if fused_here else None,
+        hyper_ptr=a.hyper if fused_here else None, step_ptr=a.step if fused_here else None,
+        cursor_ptr=adv[0] if splits == 1 else None, rng_ptr=adv[1] if splits == 1 else None,
+        G=len(groups), M=batch, P=p, S=splits, rows_per_split=rows_per_split,
+        X_IN_WS=x_in_ws, FUSED_ADAM=fused_here, WRITE_LOWP=fused_here and a.lowp is not None,
+        ADVANCE=advance is not None and splits == 1, PRECISION=precision,
+        BLOCK_N=tiles.n, BLOCK_K=tiles.k, BLOCK_R=tiles.r, ADAM_ROWS=ADAM_ROWS, num_warps=tiles.warps,
     )  # fmt: skip
     if splits > 1:
-        # grid: one program per REDUCE_BLOCK gradient elements
-        launch(_split_sum_kernel, (triton.cdiv(p, REDUCE_BLOCK),), part, out, p, splits, BLOCK=REDUCE_BLOCK)
+        # grid: one program per ELEMENTWISE_BLOCK gradient elements
+        launch(
+            _split_sum_kernel, (triton.cdiv(p, ELEMENTWISE_BLOCK),),
+            part_ptr=part, out_ptr=out, params_ptr=a.params, m_ptr=a.exp_avg, v_ptr=a.exp_avg_sq,
+            lowp_ptr=a.lowp, hyper_ptr=a.hyper, step_ptr=a.step, cursor_ptr=adv[0], rng_ptr=adv[1], P=p,
+            S=splits, FUSED_ADAM=adam is not None, WRITE_LOWP=a.lowp is not None, ADVANCE=advance is not None,
+            BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
+        )  # fmt: skip

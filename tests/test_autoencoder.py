@@ -144,3 +144,9 @@ def test_ae_options_without_a_kl_term_are_refused():
     assert (
         VAEConfig.from_dict({k: v for k, v in VAEConfig().to_dict().items() if k != "model"}).model == "vae"
     )
+
+
+def test_fused_ae_on_the_engine_follows_the_reference(tmp_path, tiny_npz):
+    """The fused engine step draws eps in-kernel; an AE must take the eps = 0 path instead."""
+    run = train(data=str(tiny_npz), out=str(tmp_path / "run"), engine=True, **{**COMMON, "backend": "triton"})
+    assert_same_weights(run.model.state_dict(), reference_ae_loop(tiny_npz))

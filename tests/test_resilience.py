@@ -214,3 +214,14 @@ def test_resume_of_a_finished_run_keeps_its_metrics(tmp_path, tiny_npz):
         == doc["final_test_neg_elbo"]
         is not None
     )
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.8])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
+    """SIGINT while modules import, parse or set up: exit 130 (or the preemption's 130), no traceback."""
+    proc = _fastvae([*RUN_ARGS, "--out", tmp_path / "run"])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert err.strip().splitlines()[-1].startswith("fastvae: error:")
