@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 import fastvae
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, require
 from fastvae.model import iw_log_weights, iw_nll
 from fastvae.runs import load_model, load_run, read_run_config
 
@@ -136,11 +136,19 @@ class _Spec:
 
 
 def export_decoder(
-    run_dir: str | os.PathLike, out: str | os.PathLike, *, int8: bool = False,
+    model_or_run_dir: torch.nn.Module | str | os.PathLike, out: str | os.PathLike, *, int8: bool = False,
     reduce_range: bool = INT8_REDUCE_RANGE,
 ) -> ExportResult:  # fmt: skip
-    """Export the decoder of a trained run directory to ``out`` (and check it); see the module docstring."""
-    return export_part(run_dir, out, "decoder", int8=int8, reduce_range=reduce_range)
+    """Export the decoder of a trained run directory, or of a fastvae model in memory (e.g. trained in your
+    own loop), to ``out`` (and check it); see the module docstring."""
+    if isinstance(model_or_run_dir, torch.nn.Module):
+        from fastvae.runs import save_model
+
+        with tempfile.TemporaryDirectory(prefix="fastvae-export-") as tmp:
+            return export_part(
+                save_model(model_or_run_dir, tmp), out, "decoder", int8=int8, reduce_range=reduce_range
+            )
+    return export_part(model_or_run_dir, out, "decoder", int8=int8, reduce_range=reduce_range)
 
 
 def export_encoder(
@@ -161,7 +169,7 @@ def export_scorer(
 
 def export_parts(
     run_dir: str | os.PathLike, out: str | os.PathLike, part: str = "all", *, iw: int = 0,
-    int8: bool = False, reduce_range: bool = INT8_REDUCE_RANGE,
+    int8: bool = False, reduce_range: bool = INT8_REDUCE_RANGE, progress: bool = False,
 ) -> list[ExportResult]:  # fmt: skip
     """``part`` (decoder | encoder | scorer) to the file ``out`` (or ``out/<part>.onnx`` when ``out`` is a
     folder), or ``all`` of them to the folder ``out`` as decoder.onnx, encoder.onnx, scorer.onnx."""
@@ -185,6 +193,7 @@ def export_parts(
             iw=iw if p == "scorer" else 0,
             int8=int8,
             reduce_range=reduce_range,
+            progress=progress,
         )  # fmt: skip
         for p in parts
     ]
@@ -192,7 +201,7 @@ def export_parts(
 
 def export_part(
     run_dir: str | os.PathLike, out: str | os.PathLike, part: str, *, iw: int = 0, int8: bool = False,
-    reduce_range: bool = INT8_REDUCE_RANGE,
+    reduce_range: bool = INT8_REDUCE_RANGE, progress: bool = False,
 ) -> ExportResult:  # fmt: skip
     """Export one part of a trained run to the file ``out``; see the module docstring."""
     if part not in PARTS:
@@ -227,16 +236,33 @@ def export_part(
         meta["noise"] = "inputs: eps (B, Z) and eps_iw (B, K, Z), standard normal; fastvae.export.keyed_noise"
         meta["eval_seed"] = str(int(doc.get("train", {}).get("seed", 0)))
     tmp = out.with_name(f".{out.name}.tmp")
+    bar = _stages(part, 3 + int8, progress)
     try:
         _export(spec, tmp)
+        bar.update()
         diff = _check(tmp, spec)
+        bar.update()
         if int8:
             meta.update(_quantize(tmp, spec, model, run_dir, config, reduce_range))
+            bar.update()
         _set_metadata(tmp, meta, spec.doc)
         os.replace(tmp, out)
+        bar.update()
     finally:
+        bar.close()
         tmp.unlink(missing_ok=True)
     return ExportResult(out, meta, diff, part)
+
+
+def _stages(part: str, total: int, progress: bool):
+    """A progress bar over an export's stages (trace, check against PyTorch, [int8,] metadata)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=f"export {part}", unit="stage", disable=not progress, leave=False, file=sys.stderr
+    )
 
 
 def _fmt(v: float | None) -> str:
@@ -273,7 +299,7 @@ def _log_sigmoid_translation():
     wrong in onnxruntime for the confident logits of a trained decoder: its Sigmoid saturates, so a
     background pixel's -log p came out too small by up to ~1 nat per image, and -inf where it reached 0.
     ``reconstruction_nll``'s BCE-with-logits decomposes into log_sigmoid, so the scorer needs this."""
-    from onnxscript import opset18 as op
+    op = require("onnxscript", "ONNX export").opset18
 
     def log_sigmoid(x):
         one = op.CastLike(1.0, x)
@@ -303,8 +329,8 @@ def _export(spec: _Spec, path: Path) -> None:
 
 def _check(path: Path, spec: _Spec) -> float:
     """Full checker, strict shape inference, and onnxruntime against PyTorch; returns the max |delta|."""
-    import onnx
-    import onnxruntime as ort
+    onnx = require("onnx", "ONNX export")
+    ort = require("onnxruntime", "ONNX export")
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -401,7 +427,7 @@ def _check_scorer(sess, model, run_dir, k: int) -> float:
 
 
 def _set_metadata(path: Path, meta: dict[str, str], doc: str) -> None:
-    import onnx
+    onnx = require("onnx", "ONNX export")
 
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, meta)
@@ -425,8 +451,9 @@ def _decoder_elbo(probs_fn, model, x: torch.Tensor, eps: torch.Tensor) -> float:
 
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, *, reduce_range: bool) -> None:
     """Dynamic int8 weight quantization (QInt8 weights, u8 activations) of the ONNX file ``src``."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    onnx = require("onnx", "int8 quantization")
+    quantization = require("onnxruntime.quantization", "int8 quantization")
+    QuantType, quantize_dynamic = quantization.QuantType, quantization.quantize_dynamic
 
     fp32 = onnx.load(str(src))
     init_names = {i.name for i in fp32.graph.initializer}
@@ -461,7 +488,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, *, reduce_rang
 
 def _quantize(path: Path, spec: _Spec, model, run_dir, config, reduce_range: bool) -> dict[str, str]:
     """Replace ``path`` by its int8 version; return the metadata that describes the quantization."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "int8 quantization")
 
     with tempfile.TemporaryDirectory() as d:
         dst = Path(d) / "int8.onnx"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, require
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
@@ -55,7 +55,7 @@ class OnnxPart:
     part = ""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime", "the ONNX runtime (Sampler, Encoder, Scorer)")
 
         path = Path(path)
         if not path.is_file():

@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "fastvae.config",
     "train": "fastvae.trainer",
     "load_model": "fastvae.runs",
+    "save_model": "fastvae.runs",
     "load_dataset": "fastvae.data",
     "elbo_stats": "fastvae.evaluate",
     "importance_weighted_nll": "fastvae.evaluate",
@@ -49,5 +50,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastvae.evaluate import elbo_stats, importance_weighted_nll
     from fastvae.fused import FusedVAE
     from fastvae.model import ReferenceVAE
-    from fastvae.runs import load_model
+    from fastvae.runs import load_model, save_model
     from fastvae.trainer import train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvae.config import BACKENDS, VAEConfig
+from fastvae.config import BACKENDS, VAEConfig, default_threads
 from fastvae.errors import FastVAEError
 from fastvae.fused import FusedVAE, kernels_can_run, triton_available
 from fastvae.limits import check_fits
@@ -45,3 +45,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FastVAEError("device 'cuda' asked for, but no CUDA GPU is available")
     return torch.device(name)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads to ``threads``, or to :func:`fastvae.config.default_threads` when None;
+    return the count set."""
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise FastVAEError(f"threads must be >= 1, got {n}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

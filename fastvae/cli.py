@@ -176,7 +176,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from fastvae.export.onnx_export import export_parts
 
-    for res in export_parts(a.run, a.out, a.part, iw=a.iw, int8=a.int8, reduce_range=a.int8_reduce_range):
+    results = export_parts(a.run, a.out, a.part, iw=a.iw, int8=a.int8, reduce_range=a.int8_reduce_range,
+                           progress=True)  # fmt: skip
+    for res in results:
         m = res.metadata
         errs = ", ".join(
             f"{k[5:].replace('_', ' ')} {v}" for k, v in m.items() if k.startswith("int8_") and "error" in k
@@ -263,14 +265,16 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     run = _load_run(a)
     config = run.config
-    arr = load_array(a.data, config.likelihood)
+    size = run.doc.get("train", {}).get("image_size")
+    arr = load_array(a.data, config.likelihood, image_size=tuple(size) if size else None,
+                     grayscale=bool(run.doc.get("train", {}).get("grayscale", False)))  # fmt: skip
     if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
     _check_out(a.out)
     if config.is_ae:
         a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
-    nelbo, iw = anomaly_scores(run.model, x, a.iw)
+    nelbo, iw = anomaly_scores(run.model, x, a.iw, progress=True)
     write_scores_csv(a.out, nelbo, iw, a.iw)
     first = "reconstruction NLL" if config.is_ae else "-ELBO"
     last = ", IW NLL undefined for an autoencoder" if config.is_ae else ""
@@ -369,6 +373,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return main_args(a)
 
 
+_THREADS_HELP = "CPU threads for torch (default: $OMP_NUM_THREADS, else 1: see the README's 'Threads')"
+
+
 def _check_out(path: str) -> None:
     from fastvae.atomic import check_writable
 
@@ -413,7 +420,22 @@ def _add_train(sub) -> None:
         t.add_argument(flag, default=d[flag.lstrip("-").replace("-", "_")], **kw)
 
     opt("--preset", help=" | ".join(PRESETS))
-    opt("--data", help="'mnist' (bundled) or a .npy/.npz file")
+    opt(
+        "--data",
+        help="'mnist' (bundled), a .npy/.npz file, or a folder of PNG/JPEG images (labels from subfolders)",
+    )
+    opt("--image-size", type=_dims, help="a folder of images: resize each to H,W (or H: square)")
+    opt(
+        "--grayscale",
+        action="store_true",
+        help="a folder of images: read as greyscale (default: RGB unless all are)",
+    )
+    opt("--threads", type=_int_at_least(1), help=_THREADS_HELP)
+    opt(
+        "--images-every",
+        type=_int_at_least(1),
+        help="also write samples and reconstructions every N epochs (images/)",
+    )
     opt("--epochs", type=_int_at_least(1))
     opt("--batch-size", type=_int_at_least(1), help="global batch (default: the preset's)")
     opt("--lr", type=_float_range(0.0, lo_open=True))
@@ -495,6 +517,7 @@ def _add_toolkit(sub) -> None:
     )
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
+    sc.add_argument("--threads", type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
     q = sub.add_parser(
         "quality", help="judge prior samples and interpolation midpoints with a digit classifier"
@@ -536,6 +559,7 @@ def _add_run_commands(sub) -> None:
     e.add_argument("--data", default=None, help="data to evaluate on (default: the run's)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--threads", type=_int_at_least(1), default=None, help=_THREADS_HELP)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="draw samples from the prior and write a PNG grid")
@@ -611,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except SystemExit as done:  # --help, --version, or a bad flag already reported in one line
             return done.code if isinstance(done.code, int) else 0
+        if args.command in ("eval", "score"):  # train sets them from its config
+            from fastvae.backends import set_threads
+
+            set_threads(args.threads)
         return args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

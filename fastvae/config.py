@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +170,16 @@ class TrainConfig:
     """Everything a run needs; stored in the run's config.json."""
 
     preset: str = "pytorch-example"
-    data: str = "mnist"  # "mnist" (bundled) or a .npy/.npz file
+    # "mnist" (bundled), a .npy/.npz file or a folder of images; in the API also an array, a tensor, a
+    # (train, test) pair or a map-style Dataset. config.json records a path as given and in-memory data as a
+    # description ("<array (1000, 784) uint8>"): such a run resumes or evaluates only with the same data
+    # passed again (data= in the API, or saved to a .npy for --data).
+    data: Any = "mnist"
+    image_size: tuple[int, ...] | None = None  # a folder of images: resize every image to (H, W) (H: square)
+    grayscale: bool = False  # a folder of images: read as greyscale (default: RGB unless all are greyscale)
+    # CPU threads for torch (torch.set_num_threads); None: DEFAULT_THREADS, see default_threads().
+    threads: int | None = None
+    images_every: int | None = None  # also write samples and reconstructions every N epochs (images/)
     epochs: int = 10
     batch_size: int | None = None  # global batch; None: the preset's (128, or 100 for paper/iwae)
     lr: float = 1e-3
@@ -240,13 +250,14 @@ class TrainConfig:
             raise FastVAEError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise FastVAEError("--resume and --overwrite exclude each other")
-        for name in ("binarize", "resume", "overwrite", "progress"):
+        self._check_data_options()
+        for name in ("binarize", "resume", "overwrite", "progress", "grayscale"):
             if not isinstance(getattr(self, name), bool):
                 raise FastVAEError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("engine", "cuda_graph"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise FastVAEError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
-        for name in ("preset", "data", "device"):
+        for name in ("preset", "device"):
             if not isinstance(getattr(self, name), str):
                 raise FastVAEError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.out is not None and not isinstance(self.out, str):
@@ -261,6 +272,37 @@ class TrainConfig:
                 raise FastVAEError(
                     f"the autoencoder (model 'ae') has no KL term: {', '.join(bad)} {verb} not apply"
                 )
+
+    def _check_data_options(self) -> None:
+        if self.data is None or isinstance(self.data, (bool, int, float)):
+            raise FastVAEError(
+                f"data must be a path, an array, a tensor, a (train, test) pair or a Dataset, got {self.data!r}"
+            )
+        if self.image_size is not None:
+            size = self.image_size
+            if isinstance(size, int) and not isinstance(size, bool):
+                size = (size,)
+            if (
+                not isinstance(size, (list, tuple))
+                or len(size) not in (1, 2)
+                or not all(_is_pos_int(v) for v in size)
+            ):
+                raise FastVAEError(
+                    f"image_size must be H or (H, W) of positive ints, got {self.image_size!r}"
+                )
+            self.image_size = (size[0], size[-1])
+        for name in ("threads", "images_every"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+
+    @property
+    def data_label(self) -> str:
+        """What config.json records as the data: a path as given, in-memory data as a description."""
+        if isinstance(self.data, str):
+            return self.data
+        if hasattr(self.data, "__fspath__"):
+            return str(self.data.__fspath__())
+        return describe_data(self.data)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -285,10 +327,45 @@ class TrainConfig:
         return preset(self.preset).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["hidden_dims"] is not None:
-            d["hidden_dims"] = list(d["hidden_dims"])
+        """The JSON-serialisable record (in-memory data as its description, never copied)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["data"] = self.data_label
+        d["extra"] = dict(self.extra)
+        for k in ("hidden_dims", "image_size"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
+
+
+# torch's CPU threads when --threads / threads= is not given and OMP_NUM_THREADS is not set. Measured on a
+# shared 2-core machine (README, "Threads"): torch's default (one thread per core) thrashes when other jobs
+# use the cores, and one thread is never much slower at these model sizes.
+DEFAULT_THREADS = 1
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set to a positive integer, else DEFAULT_THREADS."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else DEFAULT_THREADS
+
+
+def describe_data(source: Any) -> str:
+    """What a run records as its data: a path as given, in-memory data as a description such as
+    ``"<array (1000, 784) uint8>"`` (such a run is resumed or evaluated by passing the same data again).
+    Duck-typed: no numpy or torch import."""
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        return str(source)
+    if hasattr(source, "x_train") and hasattr(source, "x_test"):  # a fastvae.data.Dataset
+        return f"<dataset {source.name} {tuple(source.x_train.shape)}+{tuple(source.x_test.shape)}>"
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        return f"<pair {describe_data(source[0])} {describe_data(source[1])}>"
+    shape, dtype = getattr(source, "shape", None), getattr(source, "dtype", None)
+    if shape is not None and dtype is not None:
+        kind = "tensor" if type(source).__module__.startswith("torch") else "array"
+        return f"<{kind} {tuple(shape)} {str(dtype).replace('torch.', '')}>"
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return f"<{type(source).__name__} of {len(source)} items>"
+    return f"<{type(source).__name__}>"
 
 
 def _finite(v: object) -> bool:

@@ -7,18 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import require
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FastVAEError("this figure needs matplotlib: pip install 'fastvae[plot]'") from None
-    return plt
+    matplotlib = require("matplotlib", "this figure")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "this figure")
 
 
 def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, title: str, out: str | Path) -> None:

@@ -24,8 +24,8 @@ import torch
 from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model
 from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
-from fastvae.config import TrainConfig, VAEConfig
-from fastvae.data import DeviceData, load_dataset
+from fastvae.config import TrainConfig, VAEConfig, describe_data
+from fastvae.data import DeviceData, is_in_memory, load_dataset
 from fastvae.distributed import DistInfo
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import eval_rows
@@ -72,6 +72,28 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", b
     return model
 
 
+def save_model(model: torch.nn.Module, run_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a fastvae model (``ReferenceVAE``/``FusedVAE``, e.g. trained in your own loop) to ``run_dir``
+    as a run directory: ``model.safetensors`` and a sealed ``config.json``. ``load_model``, ``export_decoder``
+    and the CLI's ``sample``/``export`` read it back. Returns the directory."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(config, VAEConfig):
+        raise FastVAEError(
+            f"model: expected a fastvae model (ReferenceVAE or FusedVAE), got {type(model).__name__}"
+        )
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FastVAEError(f"{run_dir}: exists and is not a directory")
+    if (run_dir / CONFIG_FILE).exists() and not overwrite:
+        raise FastVAEError(f"{run_dir}: already holds a run; pass overwrite=True to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import fastvae
+
+    doc = {"model": config.to_dict(), "fastvae_version": fastvae.__version__, "saved_by": "save_model"}
+    ckpt.write_weights(run_dir, model, doc)
+    return run_dir
+
+
 @dataclass
 class Run:
     """A finished run, loaded for use: its model, configs and the test split it is evaluated on."""
@@ -93,17 +115,25 @@ class Run:
         return eval_rows(self.test, rows, self.seed, self.binarized and not raw)
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", data: str | None = None) -> Run:
-    """Load a run for evaluation or the toolkit; ``data`` replaces the run's own data set (same shape)."""
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", data: Any = None) -> Run:
+    """Load a run for evaluation or the toolkit; ``data`` (any form ``fastvae.train`` takes) replaces the
+    run's own data set (same sample shape). A run trained on in-memory data needs it passed again."""
     device = torch.device(device)
     config, doc = read_run_config(run_dir)
     model = load_model(run_dir, device)
     train_cfg = doc.get("train", {})
-    source = data or train_cfg.get("data", "mnist")
-    dataset = load_dataset(source, config.likelihood)
+    source = data if data is not None else train_cfg.get("data", "mnist")
+    if isinstance(source, str) and is_in_memory(source):
+        raise FastVAEError(
+            f"{run_dir}: trained on in-memory data {source}; pass the same data again (data= in the API, "
+            "or --data FILE after saving it with numpy.save)"
+        )
+    size = train_cfg.get("image_size")
+    dataset = load_dataset(source, config.likelihood, image_size=tuple(size) if size else None,
+                           grayscale=bool(train_cfg.get("grayscale", False)), progress=False)  # fmt: skip
     if dataset.data_shape != config.data_shape:
         raise FastVAEError(
-            f"{source}: samples have shape {dataset.data_shape}, the model expects {config.data_shape}"
+            f"{describe_data(source)}: samples have shape {dataset.data_shape}, the model expects {config.data_shape}"
         )
     return Run(
         Path(run_dir), model, config, doc, DeviceData(dataset.x_test, device), dataset.y_test,
@@ -120,12 +150,16 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, hold: list[Any]) -> tuple[
         raise FastVAEError(f"{out}: exists and is not a directory")
     has_run = out.exists() and any((out / f).exists() for f in (ckpt.CONFIG_FILE, ckpt.CHECKPOINT_DIR))
     if not cfg.resume and has_run and not cfg.overwrite:
-        raise FastVAEError(f"{out}: already holds a run; pass --resume to continue it or --overwrite")
+        raise FastVAEError(
+            f"{out}: already holds a run; continue it with resume=True (--resume), replace it with "
+            "overwrite=True (--overwrite), or choose another out"
+        )
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         hold.append(_lock(out))  # before --overwrite deletes anything: never another live training's files
         if not cfg.resume and has_run:
             shutil.rmtree(out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(out / "images", ignore_errors=True)
             for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.METRICS_FILE, *IMAGE_FILES):
                 (out / name).unlink(missing_ok=True)
     info.barrier()
@@ -177,13 +211,26 @@ def append_metrics(run_dir: Path, rec: dict[str, Any]) -> None:
         f.flush()
 
 
-def write_images(model: torch.nn.Module, test: DeviceData, run_dir: Path, seed: int, binarize: bool) -> None:
+def write_images(
+    model: torch.nn.Module,
+    test: DeviceData,
+    run_dir: Path,
+    seed: int,
+    binarize: bool,
+    epoch: int | None = None,
+) -> None:
+    """samples.png and reconstructions.png in the run directory, or with ``epoch`` in its images/ folder as
+    samples-epoch-NNN.png and reconstructions-epoch-NNN.png (the same prior draws every epoch)."""
     shape = model.config.data_shape
+    names = IMAGE_FILES
+    if epoch is not None:
+        (run_dir / "images").mkdir(exist_ok=True)
+        names = tuple(f"images/{n[:-4]}-epoch-{epoch:03d}.png" for n in IMAGE_FILES)
     g = keyed_generator(seed, 0, next(model.parameters()).device)
-    save_grid(model.sample(64, generator=g).float().cpu().numpy(), shape, run_dir / "samples.png")
+    save_grid(model.sample(64, generator=g).float().cpu().numpy(), shape, run_dir / names[0])
     with torch.no_grad():
         x = eval_rows(test, torch.arange(min(8, len(test)), device=test.x.device), seed, binarize)
         mu, _ = model.encode(x)
         recon = model.mean_output(model.decode(mu))
     both = torch.cat([x, recon]).float().cpu().numpy()
-    save_grid(both, shape, run_dir / "reconstructions.png", ncol=len(x))
+    save_grid(both, shape, run_dir / names[1], ncol=len(x))

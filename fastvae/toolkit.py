@@ -82,12 +82,21 @@ def project_2d(mu: Tensor) -> tuple[Tensor, str]:
 
 @torch.no_grad()
 def anomaly_scores(
-    model: torch.nn.Module, x: Tensor, k: int = 100, *, seed: int = 0, batch_size: int = 100
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample -ELBO and k-sample importance-weighted NLL (nats): higher means more unusual."""
+    model: torch.nn.Module, x: Tensor, k: int = 100, *, seed: int = 0, batch_size: int = 100,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per-sample -ELBO and k-sample importance-weighted NLL (nats): higher means more unusual;
+    ``progress`` shows a bar (with an ETA) on stderr."""
+    import sys
+
+    from tqdm import tqdm
+
     device = _device(model)
     nelbo, iw = [], []
-    for start in range(0, len(x), batch_size):
+    starts = range(0, len(x), batch_size)
+    for start in tqdm(
+        starts, desc="scoring", unit="batch", disable=not progress, leave=False, file=sys.stderr
+    ):
         xb = x[start : start + batch_size].to(device)
         rows = torch.arange(start, start + len(xb), device=device)  # noise keyed by the row's index in x
         nelbo.append(elbo_terms_by_row(model, xb, rows, seed).neg_elbo.double().cpu())

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import fastvae
 from fastvae import checkpoint as ckpt
-from fastvae.backends import make_model, resolve_backend
+from fastvae.backends import make_model, resolve_backend, set_threads
 from fastvae.config import TrainConfig
 from fastvae.data import DeviceData, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
@@ -40,7 +40,7 @@ from fastvae.schedules import epoch_permutation, kl_beta, sample_ids, scheduled_
 # The engine reads its loss back (one host sync) every this many steps, and checks it is finite.
 ENGINE_CHECK_EVERY = 100
 # What --resume must not change: each one alters the batches, the noise or the updates of later steps.
-RESUME_FIXED = ("preset", "data", "seed", "batch_size", "lr", "lr_schedule", "binarize", "kl_warmup_steps",
+RESUME_FIXED = ("preset", "data", "image_size", "grayscale", "seed", "batch_size", "lr", "lr_schedule", "binarize", "kl_warmup_steps",
                 "kl_warmup_epochs", "free_bits", "dtype", "backend", "hidden_dims", "latent_dim", "activation",
                 "likelihood", "beta")  # fmt: skip
 # The time limit is looked at every this many steps (a clock read is cheap, but not free on a GPU loop).
@@ -194,6 +194,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) ends the current step, writes a checkpoint and
     raises :class:`Preempted`; a second signal interrupts at once."""
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
+    set_threads(cfg.threads)
     info = setup(cfg.device)
     locks: list[Any] = []  # the run directory's lock, held while this training runs
     try:
@@ -239,7 +240,8 @@ class _Run:
         self.backend = resolve_backend(cfg.backend, self.device)
         if cfg.batch_size % info.world_size:
             raise FastVAEError(f"batch_size {cfg.batch_size} must divide evenly over {info.world_size} ranks")
-        data = load_dataset(cfg.data, cfg.model_config().likelihood)
+        data = load_dataset(cfg.data, cfg.model_config().likelihood, image_size=cfg.image_size,
+                            grayscale=cfg.grayscale, progress=cfg.progress and info.is_main)  # fmt: skip
         self.model_cfg = cfg.model_config(data.data_shape)
         self.n_train = len(data.x_train)
         self.steps_per_epoch = self.n_train // cfg.batch_size  # the last partial batch is dropped
@@ -447,6 +449,10 @@ class _Run:
                 f"{seconds:.1f}s  {rec['samples_per_s']:,.0f} samples/s"
             )
         self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0.0, 0.0, 0
+        if self.info.is_main and cfg.images_every and (epoch + 1) % cfg.images_every == 0:
+            self.model.eval()
+            write_images(self.model, self.test_data, self.run_dir, cfg.seed, cfg.binarize, epoch=epoch + 1)
+            self.model.train()
         self._save()
 
     def _save(self) -> None:

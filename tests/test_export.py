@@ -140,23 +140,22 @@ def test_sampler_cli_without_torch(onnx_path, tmp_path):
 
 @pytest.mark.skipif(os.environ.get("FASTVAE_SKIP_VENV") == "1", reason="FASTVAE_SKIP_VENV=1")
 def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(run_dir, onnx_path, tmp_path):
-    """The deployment story: a fresh venv with numpy, onnxruntime and Pillow, fastvae installed --no-deps;
-    the sampler, the encoder and the scorer run there."""
+    """The deployment story: a fresh venv, the runtime distribution (runtime/, fastvae-engine-runtime) built
+    here and installed with its own dependencies only (numpy, onnxruntime, Pillow); pip check passes and the
+    sampler, the encoder and the scorer run there."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = str(env_dir / "bin" / "python")
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    deps = subprocess.run(
-        [*pip, "numpy", "onnxruntime", "pillow"], capture_output=True, text=True, timeout=600
-    )
+    wheels = tmp_path / "wheels"  # built by this interpreter (which has setuptools)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(ROOT / "runtime")], check=True, capture_output=True, timeout=600)  # fmt: skip
+    (wheel,) = wheels.glob("fastvae_engine_runtime-*.whl")
+    deps = subprocess.run([*pip, str(wheel)], capture_output=True, text=True, timeout=600)
     if deps.returncode != 0:
         pytest.skip(f"no package registry reachable: {deps.stderr.strip().splitlines()[-1:]}")
-    wheels = tmp_path / "wheels"  # built by this interpreter (which has setuptools), installed with --no-deps
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(ROOT)], check=True, capture_output=True, timeout=600)  # fmt: skip
-    subprocess.run(
-        [*pip, "--no-deps", *map(str, wheels.glob("*.whl"))], check=True, capture_output=True, timeout=600
-    )
+    pip_check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True)
+    assert pip_check.returncode == 0, pip_check.stdout + pip_check.stderr
     check = subprocess.run([py, "-c", "import torch"], capture_output=True)
     assert check.returncode != 0  # torch really is absent
     png = tmp_path / "venv.png"
