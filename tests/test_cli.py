@@ -113,3 +113,10 @@ def test_tampered_weights_are_refused(run_dir, tmp_path):
     assert_clean_error(fastvae("eval", copy, "--iw", 0, "--device", "cpu"), "checksum mismatch")
     w.write_bytes(bytes(data[: len(data) // 2]))
     assert_clean_error(fastvae("eval", copy, "--iw", 0, "--device", "cpu"), "checksum mismatch")
+
+
+def test_eval_default_k_is_the_cpu_default_on_a_cpu(run_dir):
+    """k = 5000 over the test split took ~23 min on a 2-core CPU: the CPU default is 500, and said so."""
+    proc = fastvae("eval", run_dir, "--limit", 5, "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["iw_k"] == 500
