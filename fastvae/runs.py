@@ -174,7 +174,7 @@ def _lock(run_dir: Path) -> Any:
     trainings into one directory would interleave metrics and overwrite each other's weights."""
     import fcntl
 
-    f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115: held open on purpose
+    f = open(run_dir / LOCK_FILE, "a+")  # held open on purpose: the lock lives as long as the file
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
