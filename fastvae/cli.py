@@ -647,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    except Exception as exc:  # noqa: BLE001: sorted into user errors below, the rest re-raised
+    except Exception as exc:  # sorted into user errors below; the rest is re-raised
         return _fail_for(exc)
 
 
