@@ -43,3 +43,21 @@ def tiny_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "strokes.npz"
     np.savez(path, x_train=x[:500], x_test=x[500:])
     return path
+
+
+@pytest.fixture
+def no_torch_env(tmp_path):
+    """Environment for a subprocess in which importing torch fails; at exit it writes TORCH_LOADED or
+    NO_TORCH to stderr, so a test can check that nothing pulled torch in."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys, atexit\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+        "atexit.register(lambda: sys.stderr.write('TORCH_LOADED\\n' if 'torch' in sys.modules else 'NO_TORCH\\n'))\n"
+    )
+    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

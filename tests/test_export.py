@@ -116,20 +116,9 @@ def _run_sampler(python, args, env=None, cwd=None):
                           env=env, cwd=cwd, timeout=300)  # fmt: skip
 
 
-def test_sampler_cli_without_torch(onnx_path, tmp_path):
+def test_sampler_cli_without_torch(onnx_path, tmp_path, no_torch_env):
     """Runs with torch made unimportable, and checks sys.modules afterwards."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys, atexit\n"
-        "class _NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n"
-        "atexit.register(lambda: sys.stderr.write('TORCH_LOADED\\n' if 'torch' in sys.modules else 'NO_TORCH\\n'))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = no_torch_env
     png = tmp_path / "grid.png"
     proc = _run_sampler(sys.executable, [onnx_path, "-n", 16, "--seed", 0, "--out", png], env)
     assert proc.returncode == 0, proc.stderr

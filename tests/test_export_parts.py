@@ -1,7 +1,6 @@
 """ONNX export of the encoder and the scorer, their torch-free runtimes, and the shared IW math."""
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,19 +182,8 @@ def _cli(module, args, env=None):
                           env=env, timeout=300)  # fmt: skip
 
 
-def test_clis_read_png_folders_and_npz_without_torch(run_dir, parts, tmp_path):
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys, atexit\n"
-        "class _NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n"
-        "atexit.register(lambda: sys.stderr.write('TORCH_LOADED\\n' if 'torch' in sys.modules else 'NO_TORCH\\n'))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def test_clis_read_png_folders_and_npz_without_torch(run_dir, parts, tmp_path, no_torch_env):
+    env = no_torch_env
     x = load_run(run_dir).test_images(0, 5, raw=True).float().numpy()
     u8 = (x * 255).round().astype(np.uint8).reshape(5, 8, 8)
     pngs = tmp_path / "pngs"
