@@ -60,12 +60,10 @@ def summarize(
 ) -> RunSummary:
     """Everything the comparison shows of one loaded run (:func:`fastvae.runs.load_run`)."""
     from fastvae.evaluate import elbo_stats
-    from fastvae.noise import keyed_generator
-    from fastvae.toolkit import interpolate, posterior_means
+    from fastvae.toolkit import interpolate, posterior_means, prior_samples
 
     model, cfg = run.model, run.config
-    g = keyed_generator(seed, 0, next(model.parameters()).device)
-    samples = model.sample(64, generator=g).float().cpu().numpy()
+    samples = prior_samples(model, 64, seed).float().cpu().numpy()
     lines = []
     for a, b in pairs:
         xa, xb = run.test_images(a, a + 1), run.test_images(b, b + 1)

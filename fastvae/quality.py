@@ -232,7 +232,7 @@ def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> Qualit
     (:func:`fastvae.runs.load_run`), against a seeded random half of its test split; the other half is
     scored as the real-data floor (n is capped at that half's size, so every row uses as many images)."""
     from fastvae.data import load_dataset
-    from fastvae.noise import keyed_generator
+    from fastvae.toolkit import prior_samples
 
     source = run.doc.get("train", {}).get("data", "mnist")
     dataset = load_dataset(source, run.config.likelihood)
@@ -252,9 +252,8 @@ def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> Qualit
     real = real[perm]
     reference = gaussian_stats(clf.features(real[:half]).detach())
     model = run.model
-    g = keyed_generator(seed, 0, next(model.parameters()).device)
     images = {
-        ROWS[0]: model.sample(n, generator=g).float().cpu(),
+        ROWS[0]: prior_samples(model, n, seed).float().cpu(),
         ROWS[1]: midpoints(model, real, n, seed),
         ROWS[2]: real[half : half + n],
     }

@@ -30,7 +30,7 @@ from fastvae.distributed import DistInfo
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import eval_rows
 from fastvae.images import save_grid
-from fastvae.noise import keyed_generator
+from fastvae.toolkit import prior_samples
 
 IMAGE_FILES = ("samples.png", "reconstructions.png")
 
@@ -226,8 +226,7 @@ def write_images(
     if epoch is not None:
         (run_dir / "images").mkdir(exist_ok=True)
         names = tuple(f"images/{n[:-4]}-epoch-{epoch:03d}.png" for n in IMAGE_FILES)
-    g = keyed_generator(seed, 0, next(model.parameters()).device)
-    save_grid(model.sample(64, generator=g).float().cpu().numpy(), shape, run_dir / names[0])
+    save_grid(prior_samples(model, 64, seed).float().cpu().numpy(), shape, run_dir / names[0])
     with torch.no_grad():
         x = eval_rows(test, torch.arange(min(8, len(test)), device=test.x.device), seed, binarize)
         mu, _ = model.encode(x)

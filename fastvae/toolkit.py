@@ -12,10 +12,19 @@ from torch import Tensor
 
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats, elbo_terms_by_row, iw_bound_by_row
+from fastvae.noise import keyed_generator
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prior_samples(model: torch.nn.Module, n: int, seed: int) -> Tensor:
+    """n samples of E[x|z], z ~ N(0, I) drawn from a generator keyed by ``seed``: the same images in a
+    run's samples.png, in ``fastvae compare`` and in ``fastvae quality`` for one seed. (n, D) on the model's
+    device."""
+    return model.sample(n, generator=keyed_generator(seed, 0, _device(model)))
 
 
 @torch.no_grad()
