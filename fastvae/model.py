@@ -8,6 +8,14 @@ is N(0, I).
 With ``config.model == "ae"`` the same networks form a deterministic autoencoder: z = mu(x) (no noise),
 the loss is -log p(x|z) alone (no KL), and ``sample`` still decodes z ~ N(0, I), which is the comparison
 the VAE is taught with: nothing asks an autoencoder's codes to fill N(0, I).
+
+With ``config.classes = C > 0`` it is a conditional VAE (Sohn et al., 2015): the encoder reads [x, onehot(y)]
+and the decoder [z, onehot(y)] for a label y in 0..C-1, written plainly as a concatenation (the fused
+kernels add the label weight's column y as a per-row bias instead, see ``kernels/linear_act.py``).
+
+With ``config.k = K > 1`` each row draws K latent samples. ``config.objective`` "elbo" averages the K
+single-sample ELBOs (the IWAE paper's "VAE, k = K" baseline); "iwae" trains on the K-sample
+importance-weighted bound -log (1/K) sum_j p(x|z_j) p(z_j) / q(z_j|x) (Burda et al., 2015).
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ class Objective:
     """One draw of the training objective for a batch; every field is per sample."""
 
     loss: Tensor  # (B,) what training minimizes (its batch mean): rec + beta * KL, free bits applied
-    rec: Tensor  # (B,) -log p(x|z)
-    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)) summed over latent dimensions
+    # (objective "iwae": the K-sample bound -log (1/K) sum_j exp(-rec_j - beta (log q_j - log p_j)))
+    rec: Tensor  # (B,) -log p(x|z) (the mean over the K samples)
+    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)) summed over latent dimensions (iwae: the K-sample mean of
+    # log q(z_j|x) - log p(z_j), the Monte Carlo KL whose sum with rec is the K-sample mean -ELBO)
     kl_per_dim: Tensor | None = None  # (B, Z); None where a fused path reduces it in-kernel
 
     @property
@@ -57,7 +67,9 @@ class ReferenceVAE(nn.Module):
     layers (the encoder's widths mirrored), ``output`` (H -> D), and for the Gaussian likelihood
     ``output_logvar`` (D,), a per-pixel log-variance shared by all samples (a per-sample variance lets
     the decoder shrink it without bound on flat image regions; a per-pixel one is stable and is what
-    the papers' continuous experiments use).
+    the papers' continuous experiments use). A conditional VAE adds ``encoder_label`` (H_0, C) and
+    ``decoder_label`` (H_0', C), bias-free: the label columns of the first encoder and decoder layers, kept
+    apart so that the other keys and shapes are those of the unconditional model.
     """
 
     def __init__(self, config: VAEConfig) -> None:
@@ -71,27 +83,54 @@ class ReferenceVAE(nn.Module):
         self.output = nn.Linear(dec_widths[-1], config.flat_dim)
         if config.likelihood == "gaussian":
             self.output_logvar = nn.Parameter(torch.zeros(config.flat_dim))
+        if config.conditional:
+            self.encoder_label = nn.Linear(config.classes, widths[1], bias=False)
+            self.decoder_label = nn.Linear(config.classes, dec_widths[1], bias=False)
         self._act = _ACTIVATIONS[config.activation]
 
     # ---- the model -------------------------------------------------------------------------------
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """q(z|x): returns (mu, logvar), each (B, Z)."""
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q(z|x) (q(z|x, y) for a conditional VAE, labels ``y`` (B,)): returns (mu, logvar), each (B, Z)."""
         h = x.flatten(1)  # (B, D)
-        for layer in self.encoder:
-            h = self._act(layer(h))  # (B, H)
+        for i, layer in enumerate(self.encoder):
+            h = self._act(self._first(layer, h, y, "encoder_label") if i == 0 else layer(h))  # (B, H)
         mu, logvar = self.head(h).chunk(2, dim=-1)
         return mu, logvar
+
+    def _first(self, layer: nn.Linear, h: Tensor, y: Tensor | None, label: str) -> Tensor:
+        """The first layer of a network: on [h, onehot(y)] with weight [W | W_label] when conditional."""
+        if not self.config.conditional:
+            if y is not None:
+                raise FastVAEError("labels were given to an unconditional model")
+            return layer(h)
+        onehot = self.onehot(y, len(h)).to(h.dtype)  # (B, C)
+        weight = torch.cat([layer.weight, getattr(self, label).weight], 1)  # (H, D + C)
+        return F.linear(torch.cat([h, onehot], 1), weight, layer.bias)
+
+    def onehot(self, y: Tensor | None, rows: int) -> Tensor:
+        """(rows, C) one-hot labels, checked: ``y`` (rows,) integers in 0..C-1."""
+        c = self.config.classes
+        if y is None:
+            raise FastVAEError(f"a conditional model needs labels y in 0..{c - 1}")
+        if y.shape != (rows,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise FastVAEError(f"labels must be {rows} integers, got {tuple(y.shape)} {y.dtype}")
+        # range check is a host sync: skipped inside a CUDA-graph capture (the data loader checked them)
+        if rows and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= c:
+                raise FastVAEError(f"labels must be in 0..{c - 1}, got {lo}..{hi}")
+        return (y[:, None] == torch.arange(c, device=y.device)).to(torch.int64)  # no sync, unlike F.one_hot
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
         """z = mu + sigma * eps: the noise is an input, so gradients reach mu and logvar."""
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, z: Tensor) -> Tensor:
-        """p(x|z): Bernoulli logits (or the Gaussian mean), (B, D)."""
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """p(x|z) (p(x|z, y) when conditional): Bernoulli logits (or the Gaussian mean), (B, D)."""
         h = z
-        for layer in self.decoder:
-            h = self._act(layer(h))
+        for i, layer in enumerate(self.decoder):
+            h = self._act(self._first(layer, h, y, "decoder_label") if i == 0 else layer(h))
         return self.output(h)
 
     def objective(
@@ -99,58 +138,110 @@ class ReferenceVAE(nn.Module):
         x: Tensor,
         eps: Tensor | None = None,
         *,
+        y: Tensor | None = None,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
     ) -> Objective:
         """The training objective, per sample, with its parts: the one place the loss is written.
 
         ``loss`` (B,) is -log p(x|z) + beta * KL(q(z|x) || N(0, I)) for one reparameterized draw (``eps``
-        (B, Z), drawn when None); its batch mean is what training minimizes. ``beta`` overrides
-        ``config.beta`` (KL warm-up passes the scheduled value, possibly as a device tensor). With
-        ``free_bits`` > 0 each latent dimension's batch-mean KL is floored at that many nats (Kingma et
-        al., 2016): a dimension under the floor contributes the constant floor, so it gets no pressure
-        towards the prior, and the batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
+        (B, Z), or (B, K, Z) for ``config.k`` = K samples; drawn when None); its batch mean is what training
+        minimizes. ``y`` (B,): the labels of a conditional VAE. ``beta`` overrides ``config.beta`` (KL
+        warm-up passes the scheduled value, possibly as a device tensor). With ``free_bits`` > 0 each
+        latent dimension's batch-mean KL is floored at that many nats (Kingma et al., 2016): a dimension
+        under the floor contributes the constant floor, so it gets no pressure towards the prior, and the
+        batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
+
+        With K > 1 samples, objective "elbo" averages rec over the samples (the KL is in closed form);
+        "iwae" gives -log (1/K) sum_j exp(log w_j) with log w_j = -rec_j - beta (log q(z_j|x) - log p(z_j)),
+        the importance-weighted bound at beta = 1 (beta < 1 weakens the prior term as KL warm-up does).
         """
-        rec, kl = self.elbo_terms(x, eps)  # (B,), (B, Z)
-        if self.config.is_ae:  # no KL term: nothing to weight or floor
+        cfg = self.config
+        if cfg.objective == "iwae" or cfg.k > 1:
+            return self._k_sample_objective(x, eps, y=y, beta=beta, free_bits=free_bits)
+        rec, kl = self.elbo_terms(x, eps, y)  # (B,), (B, Z)
+        if cfg.is_ae:  # no KL term: nothing to weight or floor
             return Objective(rec, rec, kl.sum(-1), kl)
-        beta = self.config.beta if beta is None else beta
+        beta = cfg.beta if beta is None else beta
         charged = kl
         if free_bits > 0:
             above = kl.detach().mean(0) >= free_bits  # (Z,): the dimensions the floor does not hold
             charged = torch.where(above, kl, torch.full_like(kl, free_bits))
         return Objective(rec + beta * charged.sum(-1), rec, kl.sum(-1), kl)
 
-    def negative_elbo(self, x: Tensor, eps: Tensor | None = None, *, beta: float | None = None) -> Tensor:
+    def _k_sample_objective(
+        self,
+        x: Tensor,
+        eps: Tensor | None,
+        *,
+        y: Tensor | None,
+        beta: float | Tensor | None,
+        free_bits: float,
+    ) -> Objective:
+        """:meth:`objective` with K = config.k latent samples per row (objective "elbo" or "iwae")."""
+        cfg, x = self.config, x.flatten(1)
+        b, k, z_dim = x.shape[0], cfg.k, cfg.latent_dim
+        beta = cfg.beta if beta is None else beta
+        mu, logvar = self.encode(x, y)  # (B, Z) each
+        if eps is None:
+            eps = torch.randn(b, k, z_dim, dtype=mu.dtype, device=mu.device)
+        if eps.dim() == 2 and k == 1:
+            eps = eps[:, None]
+        if eps.shape != (b, k, z_dim):
+            raise FastVAEError(f"eps must be (B, K, Z) = {(b, k, z_dim)}, got {tuple(eps.shape)}")
+        z = self.reparameterize(mu[:, None], logvar[:, None], eps)  # (B, K, Z)
+        y_rows = None if y is None else y.repeat_interleave(k)
+        out = self.decode(z.reshape(b * k, z_dim), y_rows)  # (B K, D)
+        rec = self.reconstruction_nll(x.repeat_interleave(k, 0), out).view(b, k)  # (B, K)
+        kl = kl_per_dim(mu, logvar)  # (B, Z)
+        if cfg.objective == "elbo":
+            charged = kl
+            if free_bits > 0:
+                above = kl.detach().mean(0) >= free_bits
+                charged = torch.where(above, kl, torch.full_like(kl, free_bits))
+            return Objective(rec.mean(1) + beta * charged.sum(-1), rec.mean(1), kl.sum(-1), kl)
+        if free_bits > 0:
+            raise FastVAEError("free bits apply to the ELBO's closed-form KL, not to the IWAE objective")
+        # log q(z_j|x) - log p(z_j): the 2 pi terms cancel
+        log_ratio = 0.5 * (z.pow(2) - eps.pow(2) - logvar[:, None]).sum(-1)  # (B, K)
+        loss = iw_nll(-rec - beta * log_ratio)
+        return Objective(loss, rec.mean(1), log_ratio.mean(1), kl)
+
+    def negative_elbo(
+        self, x: Tensor, eps: Tensor | None = None, *, y: Tensor | None = None, beta: float | None = None
+    ) -> Tensor:
         """Per-sample -log p(x|z) + beta * KL in nats, (B,): :meth:`objective`'s loss (``beta`` = 1 gives
         the -ELBO itself; None takes ``config.beta``)."""
-        return self.objective(x, eps, beta=beta).loss
+        return self.objective(x, eps, y=y, beta=beta).loss
 
     def forward(
         self,
         x: Tensor,
         eps: Tensor | None = None,
         *,
+        y: Tensor | None = None,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Training step for DDP and plain loops: (mean objective, a scalar; per-sample rec +
         config.beta * KL (B,), detached, the figure the trainer reports)."""
-        o = self.objective(x, eps, beta=beta, free_bits=free_bits)
+        o = self.objective(x, eps, y=y, beta=beta, free_bits=free_bits)
         return o.loss.mean(), (o.rec + self.config.beta * o.kl).detach()
 
     # ---- pieces ----------------------------------------------------------------------------------
-    def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def elbo_terms(
+        self, x: Tensor, eps: Tensor | None = None, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw; for the
         autoencoder, -log p(x|mu(x)) and zeros (``eps`` is ignored)."""
         x = x.flatten(1)
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         if self.config.is_ae:
-            return self.reconstruction_nll(x, self.decode(mu)), torch.zeros_like(mu)
+            return self.reconstruction_nll(x, self.decode(mu, y)), torch.zeros_like(mu)
         if eps is None:
             eps = torch.randn_like(mu)
         z = self.reparameterize(mu, logvar, eps)
-        return self.reconstruction_nll(x, self.decode(z)), kl_per_dim(mu, logvar)
+        return self.reconstruction_nll(x, self.decode(z, y)), kl_per_dim(mu, logvar)
 
     def reconstruction_nll(self, x: Tensor, out: Tensor) -> Tensor:
         """-log p(x|z) summed over features, (B,), from the decoder's output ``out`` (B, D)."""
@@ -167,11 +258,19 @@ class ReferenceVAE(nn.Module):
 
     # ---- use -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, *, temperature: float = 1.0) -> Tensor:
-        """n samples of E[x|z] with z ~ N(0, temperature^2 I): probabilities (n, D) for Bernoulli."""
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        temperature: float = 1.0,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        """n samples of E[x|z] (E[x|z, y] for labels ``y`` (n,)) with z ~ N(0, temperature^2 I):
+        probabilities (n, D) for Bernoulli."""
         p = next(self.parameters())
         z = temperature * torch.randn(n, self.config.latent_dim, generator=generator, device=p.device)
-        return self.mean_output(self.decode(z.to(p.dtype)))
+        return self.mean_output(self.decode(z.to(p.dtype), y))
 
     @torch.no_grad()
     def importance_weighted_bound(
@@ -182,8 +281,9 @@ class ReferenceVAE(nn.Module):
         generator: torch.Generator | None = None,
         noise: Callable[[int, int], Tensor] | None = None,
         row_offset: int = 0,
+        y: Tensor | None = None,
     ) -> Tensor:
-        """-log p(x) estimated with k importance samples from q(z|x) (Burda et al., 2015), (B,) nats.
+        """-log p(x) (-log p(x|y) with labels ``y`` (B,)) estimated with k importance samples from q(z|x) (Burda et al., 2015), (B,) nats.
 
         log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x); the bound tightens as k grows and k = 5000
         is the NLL figure the IWAE paper reports. ``noise(start, c)`` gives the (c, B, Z) standard
@@ -204,8 +304,11 @@ class ReferenceVAE(nn.Module):
             )
         x = x.flatten(1)
         b, z_dim = x.shape[0], self.config.latent_dim
-        encode = lambda xb: torch.cat(self.encode(xb), -1)  # noqa: E731
-        mu, logvar = fixed_row_blocks(encode, x, offset=row_offset).chunk(2, -1)  # (B, Z) each
+        # labels ride along as one float column (exact for any label < 2^24) so they are blocked with x
+        xy = x if y is None else torch.cat([x, self.onehot(y, len(x)).argmax(1, keepdim=True).to(x.dtype)], 1)
+        split = (lambda t: (t, None)) if y is None else (lambda t: (t[:, :-1], t[:, -1].long()))  # noqa: E731
+        encode = lambda xb: torch.cat(self.encode(*split(xb)), -1)  # noqa: E731
+        mu, logvar = fixed_row_blocks(encode, xy, offset=row_offset).chunk(2, -1)  # (B, Z) each
         std = torch.exp(0.5 * logvar)
         log_w = torch.empty(b, k, dtype=torch.float64, device=x.device)
         draws = min(IW_DRAWS, k)
@@ -220,12 +323,14 @@ class ReferenceVAE(nn.Module):
             log_ratio = functools.partial(iw_log_weights, z=z, eps=eps, logvar=logvar[:, None])
             z = F.pad(z, (0, 0, 0, draws - c))  # (B, draws, Z): every block holds `draws` draws per row
 
-            def log_lik(zb: Tensor, xb: Tensor) -> Tensor:  # (G, draws, Z), (G, D) -> (G, draws)
+            def log_lik(zb: Tensor, xyb: Tensor) -> Tensor:  # (G, draws, Z), (G, D [+ 1]) -> (G, draws)
                 g = len(zb)
-                out = self.decode(zb.reshape(g * draws, z_dim))
+                xb, yb = split(xyb)
+                yb = None if yb is None else yb.repeat_interleave(draws)
+                out = self.decode(zb.reshape(g * draws, z_dim), yb)
                 return -self.reconstruction_nll(xb.repeat_interleave(draws, 0), out).view(g, draws)
 
-            lik = fixed_row_blocks(log_lik, z, x, rows=IW_GROUP, offset=row_offset)[:, :c]
+            lik = fixed_row_blocks(log_lik, z, xy, rows=IW_GROUP, offset=row_offset)[:, :c]
             log_w[:, start : start + c] = log_ratio(lik)
         return iw_nll(log_w).to(mu.dtype)
 
