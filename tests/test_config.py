@@ -18,7 +18,17 @@ def test_presets_match_the_papers():
         50,
         "tanh",
     )
-    assert set(PRESETS) == {"pytorch-example", "paper", "iwae"}
+    assert set(PRESETS) == {"pytorch-example", "paper", "iwae", "iwae-k5", "iwae-k50"}
+    assert (iwae.objective, iwae.k) == ("elbo", 1)
+    for name, k in (("iwae-k5", 5), ("iwae-k50", 50)):
+        c = preset(name)
+        assert (c.hidden_dims, c.latent_dim, c.activation, c.objective, c.k) == (
+            (200, 200),
+            50,
+            "tanh",
+            "iwae",
+            k,
+        )
 
 
 def test_input_dim_int_or_shape():
