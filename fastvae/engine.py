@@ -100,7 +100,7 @@ class TrainStep:
         model, dev, cfg = self.model, self.device, self.model.config
         compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         plan = Plan(self.batch_size, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim,
-                    ACT_CODES[cfg.activation], compute)  # fmt: skip
+                    ACT_CODES[cfg.activation], compute, cfg.classes, cfg.k, cfg.objective == "iwae")  # fmt: skip
         params = [p for name, p in model.named_parameters() if name != "output_logvar"]
         assert [tuple(p.shape) for p in params] == plan.param_shapes()
         total = sum(p.numel() for p in params)
@@ -136,8 +136,10 @@ class TrainStep:
             views.append(src[o : o + p.numel()].view_as(p))
             o += p.numel()
         self.flat_params, self.grad = flat, grad
+        core, labels = views[: plan.n_core], views[plan.n_core :]
         return EngineStep(
-            plan, weights=views[0::2], biases=views[1::2], adam=AdamBuffers(flat, m, v, self.hyper, step, lowp),
+            plan, weights=core[0::2], biases=core[1::2], label_weights=tuple(labels) if labels else None,
+            labels=data.y if cfg.conditional else None, adam=AdamBuffers(flat, m, v, self.hyper, step, lowp),
             grad=grad, data=data.x, batches=self.batches, cursor=self.cursor, rng_state=model.rng_state,
             beta=self.beta, loss_acc=self.loss_acc, grad_weight=self.grad_weight,
             binarize=(self.epoch_base, *key_words(self.seed, TRAIN_BINARIZE_SALT)) if self.binarize else None,
@@ -225,6 +227,8 @@ def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceDat
     if not isinstance(model, FusedVAE) or model.config.likelihood != "bernoulli" or not data.scaled:
         return False
     if free_bits > 0 or model.config.is_ae:  # the fused step draws eps in-kernel; the AE has none
+        return False
+    if model.config.conditional and getattr(data, "y", None) is None:
         return False
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
         return False

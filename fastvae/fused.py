@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastvae.config import VAEConfig
+from fastvae.errors import FastVAEError
 from fastvae.model import Objective, ReferenceVAE
 
 _NOTICED: set[str] = set()
@@ -66,10 +67,17 @@ class FusedVAE(ReferenceVAE):
         return self._beta_cache[key]
 
     def fused_terms(
-        self, x: Tensor, eps: Tensor | None = None, *, beta: float | Tensor | None = None, row_offset: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        """(per-sample rec + beta * KL (B,), KL (B,)) through the kernels; eps None draws it in-kernel.
-        The autoencoder is the same forward with eps = 0 and beta = 0, giving (rec (B,), zeros (B,))."""
+        self,
+        x: Tensor,
+        eps: Tensor | None = None,
+        *,
+        y: Tensor | None = None,
+        beta: float | Tensor | None = None,
+        row_offset: int = 0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(per-sample objective (B,), KL (B,), -log p(x|z) (B,)) through the kernels, as in
+        :meth:`ReferenceVAE.objective` (labels ``y`` for a conditional model, ``config.k`` samples per row);
+        eps None draws it in-kernel. The autoencoder is the same forward with eps = 0 and beta = 0."""
         from fastvae.kernels.vae import fused_negative_elbo
 
         x = x.flatten(1)
@@ -78,12 +86,19 @@ class FusedVAE(ReferenceVAE):
         cfg = self.config
         if cfg.is_ae:
             eps, beta = torch.zeros(x.shape[0], cfg.latent_dim, device=x.device), 0.0
+        if cfg.conditional:
+            self.onehot(y, x.shape[0])  # checks the labels (one line), as the reference does
+        elif y is not None:
+            raise FastVAEError("labels were given to an unconditional model")
         params = [p for name, p in self.named_parameters() if name != "output_logvar"]
-        loss, kl = fused_negative_elbo(
-            x, params, cfg.hidden_dims, cfg.latent_dim, cfg.activation, self._beta(beta, x.device), self.rng_state,
-            eps, row_offset,
+        beta_t = self._beta(beta, x.device)
+        loss, kl, rec = fused_negative_elbo(
+            x, params, cfg.hidden_dims, cfg.latent_dim, cfg.activation, beta_t, self.rng_state, eps, row_offset,
+            labels=y, classes=cfg.classes, k=cfg.k, iw=cfg.objective == "iwae",
         )  # fmt: skip
-        return (loss, torch.zeros_like(kl)) if cfg.is_ae else (loss, kl)
+        if cfg.is_ae:
+            return loss, torch.zeros_like(kl), loss
+        return loss, kl, (loss - beta_t * kl) if rec is None else rec
 
     def can_fuse(self, x: Tensor, free_bits: float = 0.0) -> str | None:
         """None when :meth:`objective` runs on the kernels for this input; else why it cannot."""
@@ -100,6 +115,7 @@ class FusedVAE(ReferenceVAE):
         x: Tensor,
         eps: Tensor | None = None,
         *,
+        y: Tensor | None = None,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
     ) -> Objective:
@@ -109,7 +125,6 @@ class FusedVAE(ReferenceVAE):
         why_not = self.can_fuse(x, free_bits)
         if why_not:
             _notice(why_not)
-            return super().objective(x, eps, beta=beta, free_bits=free_bits)
-        beta_t = self._beta(beta, x.device)
-        loss, kl = self.fused_terms(x, eps, beta=beta_t)  # (B,), (B,)
-        return Objective(loss, loss - beta_t * kl, kl)
+            return super().objective(x, eps, y=y, beta=beta, free_bits=free_bits)
+        loss, kl, rec = self.fused_terms(x, eps, y=y, beta=beta)  # (B,) each
+        return Objective(loss, rec, kl)

@@ -159,6 +159,8 @@ class ReferenceVAE(nn.Module):
         cfg = self.config
         if cfg.objective == "iwae" or cfg.k > 1:
             return self._k_sample_objective(x, eps, y=y, beta=beta, free_bits=free_bits)
+        if eps is not None and eps.dim() == 3:  # (B, 1, Z): the K-sample form with K = 1
+            eps = eps.squeeze(1)
         rec, kl = self.elbo_terms(x, eps, y)  # (B,), (B, Z)
         if cfg.is_ae:  # no KL term: nothing to weight or floor
             return Objective(rec, rec, kl.sum(-1), kl)

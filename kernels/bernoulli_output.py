@@ -11,6 +11,13 @@ order by the next kernel (deterministic, no atomics): by the output layer's inpu
 engine's step, or by the small :func:`finalize_loss` kernel when the autograd forward must return it.
 The logits and probabilities are never stored; the backward only scales dlogits by grad_output (as
 Liger-Kernel's fused linear + cross-entropy does).
+
+K latent samples per row (rows r = i K + j compare against x[i]): the per-row objective needs all K samples'
+sums, so a small kernel (:func:`finalize_loss` with ``samples``) reduces them: the mean of the K ELBOs, or
+the importance-weighted bound -log mean_j exp(log w_j), log w_j = -rec_j - beta (log q_j - log p_j), by a
+running (max, sum) log-sum-exp, and writes each sample's normalised weight (1/K for the ELBO) for the
+backward. It is its own launch because every program of the first backward kernel would otherwise redo the
+K x T partial sums of its rows once per feature tile.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ def _bernoulli_output_kernel(
     hd_ptr,  # (M, K) decoder's last hidden activation
     w_ptr,  # (D, K) output weight
     b_ptr,  # (D,) output bias
-    x_ptr,  # (M, D) targets in [0, 1]
+    x_ptr,  # (M // K, D) targets in [0, 1]: row r compares against x[r // K]
     dlogits_ptr,  # (M, D) output sigmoid(logits) - x
     rp_ptr,  # (T, M) fp32 output: this tile's BCE row sums, T = the grid's feature tiles
     M,
     D,
     K,
+    SAMPLES,  # latent samples per data row
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -48,7 +56,7 @@ def _bernoulli_output_kernel(
     acc = rows_times_wt(hd_ptr, w_ptr, rm, rn, M, D, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     logits = acc + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    x = tl.load(x_ptr + rm[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (rm // SAMPLES)[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     # softplus(l) - x l, written stably: max(l, 0) - x l + log(1 + exp(-|l|))
     e = tl.exp(-tl.abs(logits))
     bce = tl.maximum(logits, 0.0) - x * logits + tl.log(1.0 + e)
@@ -61,27 +69,82 @@ def _bernoulli_output_kernel(
 
 
 @triton.jit
+def _sample_rec(rp_ptr, r, mask, MK, T):
+    """-log p(x|z) of decoder rows r: the T BCE partials summed in a fixed order."""
+    rec = tl.load(rp_ptr + r, mask=mask, other=0.0)
+    for t in range(1, T):
+        rec += tl.load(rp_ptr + t * MK + r, mask=mask, other=0.0)
+    return rec
+
+
+# Long by design: the K-sample reduction's two passes share their loads' layout; each is commented.
+@triton.jit
 def _finalize_loss_kernel(
-    rp_ptr,  # (T, M) fp32 BCE partial row sums
-    kl_ptr,  # (M,) fp32 KL
+    rp_ptr,  # (T, M K) fp32 BCE partial row sums
+    kl_ptr,  # (M K,) fp32 KL (closed form), or log q - log p of each sample (IW)
     beta_ptr,  # () fp32 KL weight
-    loss_ptr,  # (M,) fp32 output per-sample -ELBO
+    loss_ptr,  # (M,) fp32 output per-sample objective
+    rec_ptr,  # (M,) fp32 output mean -log p(x|z_j) over the samples (MULTI); None otherwise
+    kl_out_ptr,  # (M,) fp32 output the KL (elbo) or the mean log-ratio (IW) (MULTI); None otherwise
+    rw_ptr,  # (M K,) fp32 output normalised sample weights (MULTI); None otherwise
+    loss_acc_ptr,  # (M,) fp32 device accumulator, += loss (ACCUMULATE); None otherwise
     rng_ptr,  # int64 [seed, counter]: counter advanced by program 0 (ADVANCE_RNG); None otherwise
     rng_used_ptr,  # int64 [2] output: the key this step used, for the backward (ADVANCE_RNG)
-    M,
+    M,  # data rows
     T,
+    K,  # latent samples per data row (MULTI)
+    MULTI: tl.constexpr,  # K samples per row (k > 1 or IW)
+    IW: tl.constexpr,  # the importance-weighted bound instead of the mean ELBO
+    ACCUMULATE: tl.constexpr,
     ADVANCE_RNG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BLOCK + tl.arange(0, BLOCK)
     m_mask = rm < M
-    rec = tl.load(rp_ptr + rm, mask=m_mask, other=0.0)
-    for t in range(1, T):  # fixed order: deterministic
-        rec += tl.load(rp_ptr + t * M + rm, mask=m_mask, other=0.0)
-    tl.store(
-        loss_ptr + rm, rec + tl.load(beta_ptr) * tl.load(kl_ptr + rm, mask=m_mask, other=0.0), mask=m_mask
-    )
+    beta = tl.load(beta_ptr)
+    if MULTI:
+        # pass 1: the K samples' rec and log-weights, with a running log-sum-exp (max, sum)
+        rec_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        kl_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        run_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        run_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, K):  # fixed order: deterministic
+            r = rm * K + j
+            rec_j = _sample_rec(rp_ptr, r, m_mask, M * K, T)
+            kl_j = tl.load(kl_ptr + r, mask=m_mask, other=0.0)
+            rec_sum += rec_j
+            kl_sum += kl_j
+            lw = -(rec_j + beta * kl_j)
+            new_max = tl.maximum(run_max, lw)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(lw - new_max)
+            run_max = new_max
+        if IW:
+            loss = -(run_max + tl.log(run_sum) - tl.log(K * 1.0))
+            kl_mean = kl_sum / K
+        else:
+            kl_mean = tl.load(kl_ptr + rm * K, mask=m_mask, other=0.0)  # the same closed form for every j
+            loss = rec_sum / K + beta * kl_mean
+        tl.store(rec_ptr + rm, rec_sum / K, mask=m_mask)
+        tl.store(kl_out_ptr + rm, kl_mean, mask=m_mask)
+        # pass 2: each sample's normalised weight w_j = exp(log w_j - logsumexp) (1/K for the ELBO)
+        for j in range(0, K):
+            r = rm * K + j
+            if IW:
+                lw = -(
+                    _sample_rec(rp_ptr, r, m_mask, M * K, T)
+                    + beta * tl.load(kl_ptr + r, mask=m_mask, other=0.0)
+                )
+                w = tl.exp(lw - run_max) / run_sum
+            else:
+                w = tl.full((BLOCK,), 1.0, dtype=tl.float32) / K
+            tl.store(rw_ptr + r, w, mask=m_mask)
+    else:
+        rec = _sample_rec(rp_ptr, rm, m_mask, M, T)
+        loss = rec + beta * tl.load(kl_ptr + rm, mask=m_mask, other=0.0)
+    tl.store(loss_ptr + rm, loss, mask=m_mask)
+    if ACCUMULATE:
+        tl.store(loss_acc_ptr + rm, tl.load(loss_acc_ptr + rm, mask=m_mask, other=0.0) + loss, mask=m_mask)
     if ADVANCE_RNG:
         # every kernel that reads the key ran before this one (stream order)
         if pid == 0:
@@ -102,16 +165,18 @@ def bernoulli_output_forward(
     rec_partials: torch.Tensor,
     tiles: Tiles,
     precision: str,
+    samples: int = 1,
 ) -> None:
+    """dlogits and the BCE partials of ``hd`` (M, K) against ``x`` (M / samples, D)."""
     m, k = hd.shape
     d = w.shape[0]
-    assert w.shape == (d, k) and x.shape == (m, d) and dlogits.shape == (m, d)
+    assert w.shape == (d, k) and x.shape == (m // samples, d) and dlogits.shape == (m, d)
     assert rec_partials.shape == (triton.cdiv(d, tiles.cols), m)
     # grid: one program per (row block, output-feature tile)
     grid = (triton.cdiv(m, tiles.rows), triton.cdiv(d, tiles.cols))
     launch(
         _bernoulli_output_kernel, grid,
-        hd_ptr=hd, w_ptr=w, b_ptr=b, x_ptr=x, dlogits_ptr=dlogits, rp_ptr=rec_partials, M=m, D=d, K=k,
+        hd_ptr=hd, w_ptr=w, b_ptr=b, x_ptr=x, dlogits_ptr=dlogits, rp_ptr=rec_partials, M=m, D=d, K=k, SAMPLES=samples,
         PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols, BLOCK_K=tiles.red, num_warps=tiles.warps,
     )  # fmt: skip
 
@@ -124,12 +189,22 @@ def finalize_loss(
     loss: torch.Tensor,
     rng_state: torch.Tensor | None,
     rng_used: torch.Tensor | None,
+    samples: tuple[int, bool, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    loss_acc: torch.Tensor | None = None,
 ) -> None:
-    """loss = sum of the BCE partials + beta * kl; with ``rng_state``, snapshot it to ``rng_used`` and advance."""
-    t, m = rec_partials.shape
-    # grid: one program per ELEMENTWISE_BLOCK rows
+    """loss = sum of the BCE partials + beta * kl; with ``rng_state``, snapshot it to ``rng_used`` and advance.
+
+    ``samples``: (K, iw, rec out (B,), kl out (B,), weights out (B K,)) for K samples per row (objective
+    "elbo" with k > 1, or "iwae"); ``loss_acc`` (B,): add the loss to it.
+    """
+    t, mk = rec_partials.shape
+    k, iw, rec, kl_out, weights = samples if samples is not None else (1, False, None, None, None)
+    m = mk // k
+    # grid: one program per ELEMENTWISE_BLOCK data rows
     launch(
         _finalize_loss_kernel, (triton.cdiv(m, ELEMENTWISE_BLOCK),),
-        rp_ptr=rec_partials, kl_ptr=kl, beta_ptr=beta, loss_ptr=loss, rng_ptr=rng_state, rng_used_ptr=rng_used,
-        M=m, T=t, ADVANCE_RNG=rng_state is not None, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
+        rp_ptr=rec_partials, kl_ptr=kl, beta_ptr=beta, loss_ptr=loss, rec_ptr=rec, kl_out_ptr=kl_out,
+        rw_ptr=weights, loss_acc_ptr=loss_acc, rng_ptr=rng_state, rng_used_ptr=rng_used, M=m, T=t, K=k,
+        MULTI=samples is not None, IW=iw, ACCUMULATE=loss_acc is not None, ADVANCE_RNG=rng_state is not None,
+        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip

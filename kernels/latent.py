@@ -20,6 +20,17 @@ layer's input-gradient kernel emits partial dz per feature tile; this kernel sum
     dlogvar = dz eps 0.5 exp(0.5 logvar) + s beta 0.5 (exp(logvar) - 1)
     dh[:, tile] = ([dmu | dlogvar] W_head[:, tile]) * act'(h[:, tile])
 with s the per-sample grad_output. The padded latent columns (Z -> ZP >= 16) are masked to zero.
+
+K samples per row (``MULTI``: k > 1 or the IWAE objective). The decoder side runs on B K rows, row
+r = i K + j holding sample j of batch row i: its eps is keyed by the global sample row (row_offset K + r),
+and the kernel writes a per-row KL term: the closed-form KL (objective "elbo") or
+    log q(z_j|x) - log p(z_j) = 0.5 sum(z_j^2 - eps_j^2 - logvar)          (objective "iwae")
+The backward sums over the K samples of each row, with w_j the normalised importance weight (1/K for "elbo")
+already folded into dz_j by the output layer's row scale:
+    elbo: dmu = sum_j dz_j + s beta mu,   dlogvar = sum_j dz_j eps_j std / 2 + s beta (std^2 - 1) / 2
+    iwae: dmu = sum_j dz_j + c_j z_j,     dlogvar = sum_j dz_j eps_j std / 2 + c_j (z_j eps_j std / 2 - 1 / 2)
+with c_j = s beta w_j (the gradient of -log mean_j exp(-rec_j - beta (log q_j - log p_j)) w.r.t. the jth
+log-ratio is beta w_j).
 """
 
 from __future__ import annotations
@@ -79,13 +90,15 @@ def latent_rows(
     mulv_ptr,  # (M, 2Z) fp32 output [mu | logvar]
     z_ptr,  # (M, Z) output z in the activation dtype
     kl_ptr,  # (M,) fp32 output KL
-    rm,  # (BLOCK_M,) rows
+    rm,  # (BLOCK_M,) rows of the decoder side: sample rm % K of batch row rm // K
     write_rows,  # rows below this index are written (M in the programs that write mulv, z, kl; else 0)
-    M,
+    M,  # decoder-side rows, B K
     Z,
     T,
-    row_offset,
+    row_offset,  # global index of batch row 0 (its samples are keyed from row_offset K)
+    K,  # latent samples per batch row
     USE_RNG: tl.constexpr,
+    IW: tl.constexpr,  # kl_ptr gets log q(z|x) - log p(z) of each sample instead of the closed-form KL
     ZP: tl.constexpr,
 ):
     """Finish the latent step for rows ``rm``; returns z (BLOCK_M, ZP) in the activation dtype."""
@@ -93,24 +106,30 @@ def latent_rows(
     m_mask = rm < M
     z_mask = rz < Z
     mz_mask = m_mask[:, None] & z_mask[None, :]
-    base = hp_ptr + rm[:, None] * (2 * ZP) + rz[None, :]
+    src = rm // K  # the batch row whose [mu | logvar] this sample uses
+    MB = M // K  # batch rows: the head partials' row count
+    base = hp_ptr + src[:, None] * (2 * ZP) + rz[None, :]
     mu = tl.load(base, mask=m_mask[:, None], other=0.0)
     lv = tl.load(base + ZP, mask=m_mask[:, None], other=0.0)
     for t in range(1, T):  # fixed order: deterministic
-        mu += tl.load(base + t * M * (2 * ZP), mask=m_mask[:, None], other=0.0)
-        lv += tl.load(base + t * M * (2 * ZP) + ZP, mask=m_mask[:, None], other=0.0)
+        mu += tl.load(base + t * MB * (2 * ZP), mask=m_mask[:, None], other=0.0)
+        lv += tl.load(base + t * MB * (2 * ZP) + ZP, mask=m_mask[:, None], other=0.0)
     mu += tl.load(bh_ptr + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
     lv += tl.load(bh_ptr + Z + rz, mask=z_mask, other=0.0).to(tl.float32)[None, :]
     if USE_RNG:
-        eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
+        eps = philox_eps(rng_ptr, row_offset * K + rm, rz, Z)
     else:
         eps = tl.load(eps_ptr + rm[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
     z = tl.where(mz_mask, mu + tl.exp(0.5 * lv) * eps, 0.0)
-    kl = tl.sum(tl.where(mz_mask, -0.5 * (1.0 + lv - mu * mu - tl.exp(lv)), 0.0), axis=1)
+    if IW:
+        kl = tl.sum(tl.where(mz_mask, 0.5 * (z * z - eps * eps - lv), 0.0), axis=1)
+    else:
+        kl = tl.sum(tl.where(mz_mask, -0.5 * (1.0 + lv - mu * mu - tl.exp(lv)), 0.0), axis=1)
     zc = z.to(z_ptr.dtype.element_ty)
     wmask = mz_mask & (rm < write_rows)[:, None]
-    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], mu, mask=wmask)
-    tl.store(mulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], lv, mask=wmask)
+    mv_mask = wmask & (rm % K == 0)[:, None]  # one sample per batch row writes its [mu | logvar]
+    tl.store(mulv_ptr + src[:, None] * (2 * Z) + rz[None, :], mu, mask=mv_mask)
+    tl.store(mulv_ptr + src[:, None] * (2 * Z) + Z + rz[None, :], lv, mask=mv_mask)
     tl.store(z_ptr + rm[:, None] * Z + rz[None, :], zc, mask=wmask)
     tl.store(kl_ptr + rm, kl, mask=rm < write_rows)
     return zc
@@ -120,9 +139,10 @@ def latent_rows(
 # helpers would not shorten what a reader must follow, and each stage is commented where it starts.
 @triton.jit
 def _latent_bwd_kernel(
-    dzp_ptr,  # (T, M, ZP) fp32 partial dz of the first decoder layer's T feature tiles (already scaled by s)
+    dzp_ptr,  # (T, M K, ZP) fp32 partial dz of the first decoder layer's T feature tiles (already scaled by s)
     mulv_ptr,  # (M, 2Z) saved [mu | logvar], fp32
-    eps_ptr,  # (M, Z) caller's noise; None when USE_RNG
+    eps_ptr,  # (M K, Z) caller's noise; None when USE_RNG
+    rw_ptr,  # (M K,) fp32 normalised importance weights (IW); None otherwise
     rng_ptr,  # int64 [seed, counter] the forward used; read when USE_RNG
     s_ptr,  # (M,) grad_output of the per-sample loss
     s_stride,  # element stride of s (0 for an expanded scalar)
@@ -136,7 +156,10 @@ def _latent_bwd_kernel(
     Z,  # latent width
     T,  # dz partials to sum
     row_offset,  # global index of row 0 (keys the regenerated noise)
+    K,  # latent samples per row (MULTI)
     USE_RNG: tl.constexpr,
+    MULTI: tl.constexpr,  # K samples per row (k > 1 or IW): sum over them
+    IW: tl.constexpr,  # the IWAE objective: per-sample prior terms weighted by rw
     ACT: tl.constexpr,  # encoder activation
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -151,21 +174,47 @@ def _latent_bwd_kernel(
     z_mask = rz < Z
     mz_mask = m_mask[:, None] & z_mask[None, :]
 
-    base = dzp_ptr + rm[:, None] * ZP + rz[None, :]
-    dz = tl.load(base, mask=m_mask[:, None], other=0.0)
-    for t in range(1, T):  # fixed order: deterministic
-        dz += tl.load(base + t * M * ZP, mask=m_mask[:, None], other=0.0)
     mu = tl.load(mulv_ptr + rm[:, None] * (2 * Z) + rz[None, :], mask=mz_mask, other=0.0)
     lv = tl.load(mulv_ptr + rm[:, None] * (2 * Z) + Z + rz[None, :], mask=mz_mask, other=0.0)
-    if USE_RNG:
-        eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
-    else:
-        eps = tl.load(eps_ptr + rm[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + rm * s_stride, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     sb = s * tl.load(beta_ptr)
     std = tl.exp(0.5 * lv)
-    dmu = tl.where(mz_mask, dz + sb * mu, 0.0)
-    dlv = tl.where(mz_mask, dz * eps * 0.5 * std + sb * 0.5 * (std * std - 1.0), 0.0)
+    if MULTI:
+        dmu = tl.zeros((BLOCK_M, ZP), dtype=tl.float32)
+        dlv = tl.zeros((BLOCK_M, ZP), dtype=tl.float32)
+        for j in range(0, K):  # fixed order over the row's samples: deterministic
+            rs = rm * K + j  # the sample's decoder-side row
+            base = dzp_ptr + rs[:, None] * ZP + rz[None, :]
+            dz = tl.load(base, mask=m_mask[:, None], other=0.0)
+            for t in range(1, T):
+                dz += tl.load(base + t * M * K * ZP, mask=m_mask[:, None], other=0.0)
+            if USE_RNG:
+                eps = philox_eps(rng_ptr, row_offset * K + rs, rz, Z)
+            else:
+                eps = tl.load(eps_ptr + rs[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
+            dmu += dz
+            dlv += dz * eps * 0.5 * std
+            if IW:
+                c = sb * tl.load(rw_ptr + rs, mask=m_mask, other=0.0)[:, None]
+                zj = mu + std * eps
+                dmu += c * zj
+                dlv += c * (zj * eps * 0.5 * std - 0.5)
+        if not IW:
+            dmu += sb * mu
+            dlv += sb * 0.5 * (std * std - 1.0)
+        dmu = tl.where(mz_mask, dmu, 0.0)
+        dlv = tl.where(mz_mask, dlv, 0.0)
+    else:
+        base = dzp_ptr + rm[:, None] * ZP + rz[None, :]
+        dz = tl.load(base, mask=m_mask[:, None], other=0.0)
+        for t in range(1, T):  # fixed order: deterministic
+            dz += tl.load(base + t * M * ZP, mask=m_mask[:, None], other=0.0)
+        if USE_RNG:
+            eps = philox_eps(rng_ptr, row_offset + rm, rz, Z)
+        else:
+            eps = tl.load(eps_ptr + rm[:, None] * Z + rz[None, :], mask=mz_mask, other=0.0).to(tl.float32)
+        dmu = tl.where(mz_mask, dz + sb * mu, 0.0)
+        dlv = tl.where(mz_mask, dz * eps * 0.5 * std + sb * 0.5 * (std * std - 1.0), 0.0)
     dmu_c = dmu.to(dmulv_ptr.dtype.element_ty)
     dlv_c = dlv.to(dmulv_ptr.dtype.element_ty)
     # the first feature tile's programs write [dmu | dlogvar] (a row bound of 0 masks the others)
@@ -220,17 +269,22 @@ def latent_backward(
     block_n: int,
     warps: int,
     precision: str,
+    samples: int = 1,
+    iw_weights: torch.Tensor | None = None,
 ) -> None:
+    """[dmu | dlogvar] and the encoder's last pre-activation gradient; ``samples`` K > 1 or
+    ``iw_weights`` (B K,) (the IWAE objective) sum the K samples of each row."""
     m, hdim = h.shape
     zdim = mulv.shape[1] // 2
+    multi = samples > 1 or iw_weights is not None
     # grid: one program per (row block, encoder feature tile); each sums the dz partials itself
     grid = (triton.cdiv(m, block_m), triton.cdiv(hdim, block_n))
     launch(
         _latent_bwd_kernel, grid,
-        dzp_ptr=dz_partials, mulv_ptr=mulv, eps_ptr=eps, rng_ptr=rng_state, s_ptr=grad_out,
+        dzp_ptr=dz_partials, mulv_ptr=mulv, eps_ptr=eps, rw_ptr=iw_weights, rng_ptr=rng_state, s_ptr=grad_out,
         s_stride=grad_out.stride(0), beta_ptr=beta, wh_ptr=w_head, h_ptr=h, dmulv_ptr=dmulv, dh_ptr=dh,
-        M=m, H=hdim, Z=zdim, T=dz_partials.shape[0], row_offset=row_offset,
-        USE_RNG=eps is None, ACT=act, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        M=m, H=hdim, Z=zdim, T=dz_partials.shape[0], row_offset=row_offset, K=samples,
+        USE_RNG=eps is None, MULTI=multi, IW=iw_weights is not None, ACT=act, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
         ZP=latent_pad(zdim), num_warps=warps,
     )  # fmt: skip
 

@@ -8,6 +8,10 @@ forward, the A operand (``A_MODE``):
               when asked; the first feature tile's programs write the compute-dtype x for the backward;
     A_LATENT  a is z, finished in the prologue from the previous kernel's head partials (see latent.py).
 forward epilogue: ``HEAD`` (last encoder layer) also emits this tile's partial of the encoder head GEMM.
+``LABEL`` (the first encoder and decoder layers of a conditional VAE): [a, onehot(y)] W^T = a W_a^T +
+W_y[:, y], so the label is a per-row bias gathered from the label weight's column y: no GEMM, no launch.
+The gathering layer reads y from the resident labels by the same index as the pixels and writes it out for
+the decoder and the weight gradients (whose label groups read onehot(y) as a comparison, never stored).
 backward: ``DZ`` (first decoder layer) also emits this tile's partial dz = dx_tile W_dec0[tile, :], and
 ``FINALIZE`` (the output layer's input gradient) sums the BCE partials of the output kernel into the
 per-sample loss (+ beta KL) and, with ``ACCUMULATE``, adds it to the engine's device loss accumulator.
@@ -48,6 +52,15 @@ class Gather:
 
 
 @dataclass(frozen=True)
+class LabelIn:
+    """LABEL: the per-row label bias of a conditional VAE's first encoder or decoder layer."""
+
+    w: torch.Tensor  # (N, C) label weight (the label columns of [W | W_y])
+    y: torch.Tensor  # (B,) int32 labels: read, or written by a gathering layer
+    data: torch.Tensor | None = None  # (N_data,) int64 resident labels (a gathering layer reads y from here)
+
+
+@dataclass(frozen=True)
 class LatentIn:
     """A_LATENT: z is finished in the prologue from the head partials of the previous kernel."""
 
@@ -68,9 +81,7 @@ class LossFinalize:
     kl: torch.Tensor  # (B,) fp32
     beta: torch.Tensor  # () fp32
     loss: torch.Tensor  # (B,) fp32 out
-    loss_acc: torch.Tensor | None = (
-        None  # (B,) fp32 device accumulator, += loss (ACCUMULATE)  # resident uint8 pixels map to [0, 1] as DeviceData.batch does
-    )
+    loss_acc: torch.Tensor | None = None  # (B,) fp32 device accumulator, += loss (ACCUMULATE)
 
 
 # Long by design: one fused kernel (its stages share registers and one launch); splitting it into
@@ -96,17 +107,24 @@ def _layer_fwd_kernel(
     whead_ptr,  # (2Z, N) encoder head weight (HEAD); None otherwise
     hp_out_ptr,  # (T, M, 2 ZP) fp32 output head partials, T = the grid's feature tiles (HEAD)
     step_ptr,  # () fp32 Adam step counter, incremented by program (0, 0) (BUMP_STEP); None otherwise
-    M,  # rows (batch)
+    wy_ptr,  # (N, C) label weight (LABEL); None otherwise
+    label_ptr,  # (M // K,) int32 labels: read (LABEL), or written by the first feature tile (LABEL, A_GATHER)
+    label_data_ptr,  # (N_data,) int64 resident labels, indexed like the pixels (LABEL, A_GATHER)
+    M,  # rows (batch; batch x K on the decoder side)
     N,  # output features
     K,  # input features (Z when A_LATENT)
     Z,  # latent width (A_LATENT, HEAD)
+    C,  # label classes (LABEL)
     T_in,  # head partials to sum (A_LATENT)
-    row_offset,  # global index of row 0: keys the in-kernel eps
+    row_offset,  # global index of batch row 0: keys the in-kernel eps
+    SAMPLES,  # latent samples per batch row: row r is sample r % SAMPLES of batch row r // SAMPLES
     key_lo,  # int32 words of noise.mix(seed, salt) for the binarization (BINARIZE)
     key_hi,
     A_MODE: tl.constexpr,  # A_LOAD, A_GATHER or A_LATENT
     BINARIZE: tl.constexpr,  # A_GATHER: x = [u < pixel], u by fastvae.noise's row rule (row_noise.py)
     USE_RNG: tl.constexpr,  # A_LATENT: eps drawn in-kernel
+    IW: tl.constexpr,  # A_LATENT: the per-sample log-ratio instead of the closed-form KL (latent.py)
+    LABEL: tl.constexpr,  # add the label bias W_y[:, y]
     HEAD: tl.constexpr,  # emit head partials
     BUMP_STEP: tl.constexpr,  # advance the optimizer's step counter
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 tanh
@@ -127,7 +145,7 @@ def _layer_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if A_MODE == 2:
         zc = latent_rows(hp_ptr, bh_ptr, eps_ptr, rng_ptr, mulv_ptr, z_ptr, kl_ptr, rm, write_rows, M, Z, T_in,
-                         row_offset, USE_RNG, ZP)  # fmt: skip
+                         row_offset, SAMPLES, USE_RNG, IW, ZP)  # fmt: skip
         rz = tl.arange(0, ZP)
         w = tl.load(
             w_ptr + rn[None, :] * K + rz[:, None], mask=(rz[:, None] < K) & n_mask[None, :], other=0.0
@@ -161,6 +179,17 @@ def _layer_fwd_kernel(
             )
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
     bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if LABEL:
+        if A_MODE == 1:
+            lab = tl.load(label_data_ptr + src, mask=m_mask, other=0).to(tl.int32)
+            tl.store(label_ptr + rm, lab, mask=rm < write_rows)
+        else:
+            lab = tl.load(label_ptr + rm // SAMPLES, mask=m_mask, other=0)
+        # [a, onehot(y)] W^T = a W_a^T + W_y[:, y]: the label weight's column y, gathered per row
+        wy = tl.load(
+            wy_ptr + rn[None, :] * C + lab[:, None], mask=m_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        acc += wy.to(tl.float32)
     y = apply_act(acc + bias[None, :], ACT)
     yc = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], yc, mask=m_mask[:, None] & n_mask[None, :])
@@ -185,8 +214,10 @@ def _layer_fwd_kernel(
 @triton.jit
 def _layer_bwd_kernel(
     dy_ptr,  # (M, N) gradient at this layer's pre-activation output (unscaled when ROW_SCALE)
-    s_ptr,  # (M,) per-row scale of dy (ROW_SCALE, FINALIZE); None otherwise
+    s_ptr,  # (M // K,) per-row scale of dy (ROW_SCALE, FINALIZE); None otherwise
     s_stride,  # element stride of s: 0 when grad_output is an expanded scalar (the backward of mean())
+    rw_ptr,  # (M,) fp32 per-sample weights, multiplying s (ROW_WEIGHTS: K samples per row); None otherwise
+    s_out_ptr,  # (M,) fp32 output: the combined row scale, for the weight gradients (ROW_WEIGHTS)
     w_ptr,  # (N, K) weight of this layer
     h_ptr,  # (M, K) this layer's input = the previous layer's activated output (for act'); None if ACT == 0
     dx_ptr,  # (M, K) output: ((s * dy) W) * act'(h)
@@ -202,8 +233,10 @@ def _layer_bwd_kernel(
     K,
     Z,  # latent width (DZ)
     T_rec,  # BCE partials per row (FINALIZE)
+    SAMPLES,  # rows per s entry (ROW_WEIGHTS)
     ACT: tl.constexpr,  # activation that produced h (its derivative is applied); 0 for the network input
     ROW_SCALE: tl.constexpr,  # scale each row by s (dy was stored unscaled by the forward)
+    ROW_WEIGHTS: tl.constexpr,  # row r's scale is s[r // SAMPLES] * rw[r]
     DZ: tl.constexpr,
     FINALIZE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -229,7 +262,12 @@ def _layer_bwd_kernel(
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=PRECISION)
     if ROW_SCALE:
-        s = tl.load(s_ptr + rm * s_stride, mask=m_mask, other=0.0).to(tl.float32)
+        if ROW_WEIGHTS:
+            s = tl.load(s_ptr + (rm // SAMPLES) * s_stride, mask=m_mask, other=0.0).to(tl.float32)
+            s = s * tl.load(rw_ptr + rm, mask=m_mask, other=0.0)
+            tl.store(s_out_ptr + rm, s, mask=rm < tl.where(pid_k == 0, M, 0))
+        else:
+            s = tl.load(s_ptr + rm * s_stride, mask=m_mask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
     mask = m_mask[:, None] & k_mask[None, :]
     if ACT != 0:
@@ -271,10 +309,15 @@ def layer_forward(
     step: torch.Tensor | None = None,
     zdim: int = 0,
     row_offset: int = 0,
+    label: LabelIn | None = None,
+    samples: int = 1,
+    iw: bool = False,
 ) -> None:
     """out (M, N) = act(A (M, K) @ w (N, K)^T + b) with A from ``a``, ``gather`` or ``latent``.
 
-    ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)); ``step``: the Adam step to advance.
+    ``head``: (w_head (2Z, N), partials out (tiles over N, M, 2 ZP)); ``step``: the Adam step to advance;
+    ``label``: add the label bias; ``samples``: K latent samples per batch row (M = B K, A_LATENT);
+    ``iw``: write the per-sample log-ratio instead of the closed-form KL (A_LATENT).
     """
     m, n = out.shape
     k = w.shape[1]
@@ -285,6 +328,7 @@ def layer_forward(
     use_rng = latent is not None and latent.eps is None
     g = gather if gather is not None else Gather(*(None,) * 4)
     lat = latent if latent is not None else LatentIn(*(None,) * 7)
+    lab = label if label is not None else LabelIn(None, None)
     if head is not None:
         assert head[1].shape[0] == triton.cdiv(n, tiles.cols), (head[1].shape, n, tiles)
     # grid: one program per (row block, output-feature tile)
@@ -295,8 +339,10 @@ def layer_forward(
         x_out_ptr=g.x_out, hp_ptr=lat.partials, bh_ptr=lat.b_head, eps_ptr=lat.eps,
         rng_ptr=lat.rng if use_rng else None, mulv_ptr=lat.mulv, z_ptr=lat.z, kl_ptr=lat.kl, w_ptr=w, b_ptr=b,
         y_ptr=out, whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
-        M=m, N=n, K=k, Z=zdim, T_in=latent.partials.shape[0] if latent else 0, row_offset=row_offset,
-        key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize, USE_RNG=use_rng, HEAD=head is not None,
+        wy_ptr=lab.w, label_ptr=lab.y, label_data_ptr=lab.data,
+        M=m, N=n, K=k, Z=zdim, C=lab.w.shape[1] if label else 0, T_in=latent.partials.shape[0] if latent else 0,
+        row_offset=row_offset, SAMPLES=samples, key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize,
+        USE_RNG=use_rng, IW=iw, LABEL=label is not None, HEAD=head is not None,
         BUMP_STEP=step is not None, ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
         BLOCK_K=latent_pad(k) if latent is not None else tiles.red, ZP=latent_pad(max(zdim, 1)),
         num_warps=tiles.warps,
@@ -315,15 +361,18 @@ def layer_backward_input(
     row_scale: torch.Tensor | None = None,
     dz: tuple[torch.Tensor, torch.Tensor] | None = None,
     finalize: LossFinalize | None = None,
+    row_weights: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """out (M, K) = ((row_scale * dy) (M, N) @ w (N, K)) * act'(h).
 
-    ``dz``: (w_dec0 (K, Z), partials out (tiles over K, M, ZP)).
+    ``dz``: (w_dec0 (K, Z), partials out (tiles over K, M, ZP)). ``row_weights``: (rw (M,), scale out (M,),
+    K): row r's scale is row_scale[r // K] * rw[r], also written to ``scale out`` for the weight gradients.
     """
     m, n = dy.shape
     k = w.shape[1]
     assert w.shape == (n, k) and out.shape == (m, k)
     fin = finalize if finalize is not None else LossFinalize(*(None,) * 4)
+    rw, s_out, samples = row_weights if row_weights is not None else (None, None, 1)
     zdim = dz[0].shape[1] if dz is not None else 0
     if dz is not None:
         assert dz[1].shape[0] == triton.cdiv(k, tiles.cols)
@@ -331,11 +380,12 @@ def layer_backward_input(
     grid = (triton.cdiv(m, tiles.rows), triton.cdiv(k, tiles.cols))
     launch(
         _layer_bwd_kernel, grid,
-        dy_ptr=dy, s_ptr=row_scale, s_stride=row_scale.stride(0) if row_scale is not None else 0, w_ptr=w,
+        dy_ptr=dy, s_ptr=row_scale, s_stride=row_scale.stride(0) if row_scale is not None else 0, rw_ptr=rw,
+        s_out_ptr=s_out, w_ptr=w,
         h_ptr=h if act != 0 else None, dx_ptr=out, wz_ptr=dz[0] if dz else None, dzp_ptr=dz[1] if dz else None,
         rp_ptr=fin.rec_partials, kl_ptr=fin.kl, beta_ptr=fin.beta, loss_ptr=fin.loss, loss_acc_ptr=fin.loss_acc,
-        M=m, N=n, K=k, Z=zdim, T_rec=fin.rec_partials.shape[0] if finalize else 0,
-        ACT=act, ROW_SCALE=row_scale is not None, DZ=dz is not None, FINALIZE=finalize is not None,
+        M=m, N=n, K=k, Z=zdim, T_rec=fin.rec_partials.shape[0] if finalize else 0, SAMPLES=samples,
+        ACT=act, ROW_SCALE=row_scale is not None, ROW_WEIGHTS=row_weights is not None, DZ=dz is not None, FINALIZE=finalize is not None,
         ACCUMULATE=fin.loss_acc is not None, PRECISION=precision, BLOCK_M=tiles.rows,
         BLOCK_N=tiles.red, BLOCK_K=tiles.cols, ZP=latent_pad(max(zdim, 1)), num_warps=tiles.warps,
     )  # fmt: skip

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PRESETS = ("pytorch-example", "paper", "iwae")
+# "+y10": the preset as a conditional VAE over 10 labels (MNIST's digits).
+PRESETS = ("pytorch-example", "paper", "iwae", "iwae-k5", "pytorch-example+y10")
+CONDITIONAL_SUFFIX = "+y10"
 BATCHES = (128, 1024, 16384)
 DTYPES = ("fp32", "bf16")
 # H100 SXM per-SM limits used for occupancy.
@@ -58,19 +60,24 @@ class KernelReport:
     flags: dict
 
 
-def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", caller_eps: bool = False):
+def record_step(
+    preset_name: str, batch: int, dtype: str, path: str = "engine", caller_eps: bool = False, classes: int = 0
+):
     """The launches of one training step (``engine``: the replayed step; ``module``: FusedVAE under autograd,
-    with the caller's eps when ``caller_eps``)."""
+    with the caller's eps when ``caller_eps``); ``classes`` > 0: the preset as a conditional VAE."""
     from fastvae.config import preset
     from fastvae.kernels.activations import ACT_CODES
     from fastvae.kernels.heuristics import recording
     from fastvae.kernels.vae import EngineStep, FusedNegativeElbo, Plan
     from fastvae.kernels.weight_grad import AdamBuffers
 
+    if preset_name.endswith(CONDITIONAL_SUFFIX):
+        preset_name, classes = preset_name.removesuffix(CONDITIONAL_SUFFIX), 10
     cfg = preset(preset_name)
     dev = torch.device("meta")
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    plan = Plan(batch, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim, ACT_CODES[cfg.activation], dt)
+    plan = Plan(batch, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim, ACT_CODES[cfg.activation], dt,
+                classes, cfg.k, cfg.objective == "iwae")  # fmt: skip
     shapes = plan.param_shapes()
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     p = sum(sizes)
@@ -82,6 +89,7 @@ def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", 
     for s, n in zip(shapes, sizes):
         views.append(src[o : o + n].view(s))
         o += n
+    core, label_w = views[: plan.n_core], tuple(views[plan.n_core :]) or None
     rng = torch.empty(2, dtype=torch.int64, device=dev)
     beta = torch.empty((), **f32)
     with recording() as launches:
@@ -90,7 +98,8 @@ def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", 
                                torch.empty(5, dtype=torch.float64, device=dev), torch.empty((), **f32), lowp)  # fmt: skip
             steps = MNIST_ROWS // batch
             step = EngineStep(
-                plan, weights=views[0::2], biases=views[1::2], adam=adam,
+                plan, weights=core[0::2], biases=core[1::2], adam=adam, label_weights=label_w,
+                labels=torch.empty(MNIST_ROWS, dtype=torch.int64, device=dev) if classes else None,
                 data=torch.empty(MNIST_ROWS, cfg.flat_dim, dtype=torch.uint8, device=dev),
                 batches=torch.empty(steps, batch, dtype=torch.int64, device=dev),
                 grad=torch.empty(p, **f32), cursor=torch.empty(1, dtype=torch.int64, device=dev), rng_state=rng, beta=beta,
@@ -101,8 +110,9 @@ def record_step(preset_name: str, batch: int, dtype: str, path: str = "engine", 
         else:
             ps = [v.detach().requires_grad_() for v in views]
             x = torch.empty(batch, cfg.flat_dim, dtype=dt, device=dev)
-            eps = torch.empty(batch, cfg.latent_dim, **f32) if caller_eps else None
-            loss, _ = FusedNegativeElbo.apply(x, eps, rng, beta, plan, 0, *ps)
+            eps = torch.empty(batch * cfg.k, cfg.latent_dim, **f32) if caller_eps else None
+            labels = torch.empty(batch, dtype=torch.int32, device=dev) if classes else None
+            loss = FusedNegativeElbo.apply(x, eps, labels, rng, beta, plan, 0, *ps)[0]
             loss.backward(torch.empty(batch, **f32))
     return plan, launches
 

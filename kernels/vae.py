@@ -11,7 +11,14 @@ Kernels for an encoder/decoder with L hidden layers each (``pytorch-example``: L
               1 grouped weight-gradient GEMM with Adam in its epilogue (+1 split-K sum at large batch)
                                                                                             -> 2L + 1 (+1)
 so the engine's replayed step is 6 kernels for L = 1 and 10 for L = 2 at B = 128, and nothing else: the
-cursor, RNG counter and loss accumulator advance inside them. The autograd path (FusedVAE in a user's
+cursor, RNG counter and loss accumulator advance inside them.
+
+Extensions, through the same kernels (issue 16):
+    conditional VAE: the label is a per-row bias of the first encoder and decoder layers (``LabelIn``) and
+                     its weights two more groups of the weight-gradient launch: no extra launch;
+    K samples per row (objective "elbo" with k > 1, or "iwae"): the decoder side runs on B K rows (row
+                     i K + j is sample j of row i); one small kernel reduces the K samples of each row into
+                     the objective and the normalised weights: +1 launch in the engine's step. The autograd path (FusedVAE in a user's
 loop with any torch optimizer) adds one small kernel that sums the loss for the forward's return value and
 writes gradients instead of applying Adam.
 
@@ -40,7 +47,14 @@ from fastvae.kernels.heuristics import (
     wgrad_tiles,
 )
 from fastvae.kernels.latent import latent_backward
-from fastvae.kernels.linear_act import Gather, LatentIn, LossFinalize, layer_backward_input, layer_forward
+from fastvae.kernels.linear_act import (
+    Gather,
+    LabelIn,
+    LatentIn,
+    LossFinalize,
+    layer_backward_input,
+    layer_forward,
+)
 from fastvae.kernels.weight_grad import AdamBuffers, GradGroup, grouped_weight_grads
 
 
@@ -54,19 +68,41 @@ class Plan:
     z: int
     act: int
     dtype: torch.dtype = torch.float32
+    classes: int = 0  # label classes of a conditional VAE (0: unconditional)
+    k: int = 1  # latent samples per row
+    iw: bool = False  # the importance-weighted objective
 
     @property
     def dec(self) -> tuple[int, ...]:
         return tuple(reversed(self.enc))
 
     @property
+    def rows(self) -> int:
+        """Decoder-side rows: B K."""
+        return self.batch * self.k
+
+    @property
+    def multi(self) -> bool:
+        """The per-row objective reduces K samples (k > 1 or IW): the finalize kernel and row weights."""
+        return self.k > 1 or self.iw
+
+    @property
     def zp(self) -> int:
         return latent_pad(self.z)
 
-    def tiles(self, width: int) -> Tiles:
-        return layer_tiles(self.batch, width, self.dtype)
+    def tiles(self, width: int, decoder: bool = False) -> Tiles:
+        """Tiles of a layer of ``width`` features over the encoder's B rows or the decoder's B K rows."""
+        return layer_tiles(self.rows if decoder else self.batch, width, self.dtype)
 
-    def latent_tiles(self, width: int, small_k: bool = False) -> Tiles:
+    def weighted_tiles(self, width: int, tiles: Tiles) -> Tiles:
+        """The output layer's input gradient with K-sample row weights (it also loads the weights and stores
+        the combined row scale): at most 32 rows (iwae-k5 B = 1024 fp32, 64-row blocks: 80 registers and
+        8 spilled bytes; 32 rows: none. Report, sm_90, compiled, not timed)."""
+        if self.multi and tiles.rows > 32:
+            return Tiles(32, tiles.cols, tiles.red, tiles.warps)
+        return tiles
+
+    def latent_tiles(self, width: int, small_k: bool = False, decoder: bool = False) -> Tiles:
         """Tiles of the kernels that also carry latent-width work: the same feature tiles (the partial counts
         must match), fewer rows where the report showed spills (sm_90, compiled, not timed).
 
@@ -75,21 +111,22 @@ class Plan:
         ``small_k`` (the latent prologue + first decoder layer, the latent backward: reductions over ZP only,
         so no weight reuse to protect): at most 32 rows (paper, B = 16384 fp32: 64 rows spilled 16 bytes at
         80 registers; 32 rows: 64 registers, 4 CTAs/SM, no spill)."""
-        t = self.tiles(width)
+        t = self.tiles(width, decoder)
         if t.rows >= 32 and (self.zp >= 64 or (small_k and t.rows > 32)):
             return Tiles(t.rows // 2, t.cols, t.red, t.warps)
         return t
 
     def layout(self) -> dict[str, int]:
-        """Element offsets of each (B, width) activation and gradient in the workspace, and its size."""
-        b, off, out = self.batch, 0, {}
-        names = [("x", self.d)] + [(f"h{i}", w) for i, w in enumerate(self.enc)] + [("z", self.z)]
-        names += [(f"hd{i}", w) for i, w in enumerate(self.dec)] + [("dlogits", self.d)]
-        names += [(f"dh{i}", w) for i, w in enumerate(self.enc)] + [("dmulv", 2 * self.z)]
-        names += [(f"dhd{i}", w) for i, w in enumerate(self.dec)]
-        for name, w in names:
+        """Element offsets of each (rows, width) activation and gradient in the workspace, and its size: B
+        rows on the encoder side, B K on the decoder side."""
+        b, bk, off, out = self.batch, self.rows, 0, {}
+        names = [("x", self.d, b)] + [(f"h{i}", w, b) for i, w in enumerate(self.enc)] + [("z", self.z, bk)]
+        names += [(f"hd{i}", w, bk) for i, w in enumerate(self.dec)] + [("dlogits", self.d, bk)]
+        names += [(f"dh{i}", w, b) for i, w in enumerate(self.enc)] + [("dmulv", 2 * self.z, b)]
+        names += [(f"dhd{i}", w, bk) for i, w in enumerate(self.dec)]
+        for name, w, rows in names:
             out[name] = off
-            off += b * w
+            off += rows * w
         out["size"] = off
         return out
 
@@ -97,8 +134,8 @@ class Plan:
         """Feature tiles of the kernels that emit per-tile partial sums (the next kernel sums them)."""
         return {
             "head": triton.cdiv(self.enc[-1], self.tiles(self.enc[-1]).cols),
-            "rec": triton.cdiv(self.d, self.tiles(self.d).cols),
-            "dz": triton.cdiv(self.dec[0], self.tiles(self.dec[0]).cols),
+            "rec": triton.cdiv(self.d, self.tiles(self.d, decoder=True).cols),
+            "dz": triton.cdiv(self.dec[0], self.tiles(self.dec[0], decoder=True).cols),
         }
 
     def param_shapes(self) -> list[tuple[int, ...]]:
@@ -111,6 +148,8 @@ class Plan:
         for a, c in zip(dwidths[:-1], dwidths[1:]):
             shapes += [(c, a), (c,)]
         shapes += [(self.d, self.dec[-1]), (self.d,)]
+        if self.classes:  # encoder_label, decoder_label: bias-free, registered last
+            shapes += [(self.enc[0], self.classes), (self.dec[0], self.classes)]
         return shapes
 
     def grad_groups(self) -> tuple[GradGroup, ...]:
@@ -119,47 +158,73 @@ class Plan:
         for s in shapes:
             offs.append(o)
             o += int(torch.Size(s).numel())
-        n_enc = len(self.enc)
+        n_enc, b, bk = len(self.enc), self.batch, self.rows
         groups = []
         for i in range(n_enc):  # encoder layers
             a = None if i == 0 else lay[f"h{i - 1}"]
             n, k = shapes[2 * i]
-            groups.append(GradGroup(lay[f"dh{i}"], a, n, k, offs[2 * i], offs[2 * i + 1]))
+            groups.append(GradGroup(lay[f"dh{i}"], a, n, k, offs[2 * i], offs[2 * i + 1], m=b))
         j = 2 * n_enc  # head
         groups.append(
-            GradGroup(lay["dmulv"], lay[f"h{n_enc - 1}"], 2 * self.z, self.enc[-1], offs[j], offs[j + 1])
+            GradGroup(lay["dmulv"], lay[f"h{n_enc - 1}"], 2 * self.z, self.enc[-1], offs[j], offs[j + 1], m=b)
         )
         for i in range(n_enc):  # decoder layers
             j = 2 * (n_enc + 1 + i)
             a = lay["z"] if i == 0 else lay[f"hd{i - 1}"]
             n, k = shapes[j]
-            groups.append(GradGroup(lay[f"dhd{i}"], a, n, k, offs[j], offs[j + 1]))
+            groups.append(GradGroup(lay[f"dhd{i}"], a, n, k, offs[j], offs[j + 1], m=bk))
         j = 2 * (2 * n_enc + 1)  # output layer: dy is dlogits, stored unscaled by grad_output
         groups.append(
-            GradGroup(lay["dlogits"], lay[f"hd{n_enc - 1}"], self.d, self.dec[-1], offs[j], offs[j + 1], True)
+            GradGroup(
+                lay["dlogits"], lay[f"hd{n_enc - 1}"], self.d, self.dec[-1], offs[j], offs[j + 1], True, m=bk
+            )
         )
+        if self.classes:  # label weights: a = onehot(y), for the decoder's rows the label of row r // K
+            j += 2
+            c = self.classes
+            groups.append(GradGroup(lay["dh0"], 0, self.enc[0], c, offs[j], -1, m=b, label_div=1))
+            groups.append(GradGroup(lay["dhd0"], 0, self.dec[0], c, offs[j + 1], -1, m=bk, label_div=self.k))
         return tuple(groups)
+
+    @property
+    def n_core(self) -> int:
+        """Parameters that come in (weight, bias) pairs; the label weights follow them."""
+        return 2 * (2 * len(self.enc) + 2)
 
 
 class Buffers:
     """The workspace (compute dtype) and the fp32 statistics and partial sums of one step."""
 
     def __init__(self, plan: Plan, device: torch.device | str) -> None:
-        b, z, zp = plan.batch, plan.z, plan.zp
+        b, bk, z, zp = plan.batch, plan.rows, plan.z, plan.zp
         self.plan, self.lay = plan, plan.layout()
         self.ws = torch.empty(self.lay["size"], dtype=plan.dtype, device=device)
         t = plan.partial_counts()
         f32 = dict(dtype=torch.float32, device=device)
         self.mulv = torch.empty(b, 2 * z, **f32)  # [mu | logvar]
-        self.kl = torch.empty(b, **f32)
+        self.kl = torch.empty(bk, **f32)  # per decoder row: the closed-form KL, or log q - log p (IW)
         self.loss = torch.empty(b, **f32)
         self.head_partials = torch.empty(t["head"], b, 2 * zp, **f32)
-        self.rec_partials = torch.empty(t["rec"], b, **f32)
-        self.dz_partials = torch.empty(t["dz"], b, zp, **f32)
+        self.rec_partials = torch.empty(t["rec"], bk, **f32)
+        self.dz_partials = torch.empty(t["dz"], bk, zp, **f32)
+        self.labels = torch.empty(b, dtype=torch.int32, device=device) if plan.classes else None
+        if plan.multi:  # the K-sample reduction's outputs
+            self.rec = torch.empty(b, **f32)
+            self.kl_rows = torch.empty(b, **f32)
+            self.weights = torch.empty(bk, **f32)  # normalised per-sample weights
+            self.row_scale = torch.empty(bk, **f32)  # grad_output x weight, for the output layer's dW
 
     def view(self, name: str, width: int) -> torch.Tensor:
-        o, b = self.lay[name], self.plan.batch
-        return self.ws[o : o + b * width].view(b, width)
+        rows = (
+            self.plan.rows if name in ("z", "dlogits") or name.startswith(("hd", "dhd")) else self.plan.batch
+        )
+        o = self.lay[name]
+        return self.ws[o : o + rows * width].view(rows, width)
+
+    def samples(self) -> tuple | None:
+        """The K-sample outputs finalize_loss writes (None for one sample of the ELBO)."""
+        p = self.plan
+        return (p.k, p.iw, self.rec, self.kl_rows, self.weights) if p.multi else None
 
 
 def run_forward(
@@ -174,15 +239,22 @@ def run_forward(
     row_offset: int = 0,
     source: tuple | None = None,
     step: torch.Tensor | None = None,
+    label_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward launches (2L + 1); returns the x the output kernel compared against. ``source``: (data,
-    batches, cursor, binarize) to gather the batch into the workspace (the engine), else ``x`` is read."""
+    batches, cursor, binarize, labels or None) to gather the batch (and its labels) into the workspace (the
+    engine), else ``x`` is read (and ``buf.labels`` holds the caller's labels). ``label_weights``: the
+    conditional VAE's (encoder_label, decoder_label) weights."""
     L, v, prec = len(plan.enc), buf.view, dot_precision(plan.dtype)
-    gather = None
+    gather, label_data = None, None
     if source is not None:
-        data, batches, cursor, binarize = source
+        data, batches, cursor, binarize, label_data = source
         x = v("x", plan.d)
         gather = Gather(data, batches, cursor, x, binarize)
+    enc_label = dec_label = None
+    if label_weights is not None:
+        enc_label = LabelIn(label_weights[0], buf.labels, label_data if gather is not None else None)
+        dec_label = LabelIn(label_weights[1], buf.labels)
     a = x
     for i in range(L):
         head = (weights[L], buf.head_partials) if i == L - 1 else None
@@ -193,21 +265,24 @@ def run_forward(
         layer_forward(
             w=weights[i], b=biases[i], out=out, act=plan.act, precision=prec, tiles=tiles,
             a=a if (i > 0 or gather is None) else None, gather=gather if i == 0 else None, head=head,
-            step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset,
+            step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset, label=enc_label if i == 0 else None,
         )  # fmt: skip
         a = out
     latent = LatentIn(buf.head_partials, biases[L], eps, rng_state, buf.mulv, v("z", plan.z), buf.kl)
     for i in range(L):
         out = v(f"hd{i}", plan.dec[i])
+        first = i == 0
         layer_forward(
             w=weights[L + 1 + i], b=biases[L + 1 + i], out=out, act=plan.act,
-            tiles=plan.latent_tiles(plan.dec[i], small_k=True) if i == 0 else plan.tiles(plan.dec[i]),
-            precision=prec, a=a if i > 0 else None, latent=latent if i == 0 else None, zdim=plan.z,
-            row_offset=row_offset,
+            tiles=plan.latent_tiles(plan.dec[i], small_k=True, decoder=True) if first
+            else plan.tiles(plan.dec[i], decoder=True),
+            precision=prec, a=a if i > 0 else None, latent=latent if first else None, zdim=plan.z,
+            row_offset=row_offset, label=dec_label if first else None, samples=plan.k, iw=plan.iw,
         )  # fmt: skip
         a = out
     bernoulli_output_forward(hd=a, w=weights[-1], b=biases[-1], x=x, dlogits=v("dlogits", plan.d),
-                             rec_partials=buf.rec_partials, tiles=plan.tiles(plan.d), precision=prec)  # fmt: skip
+                             rec_partials=buf.rec_partials, tiles=plan.tiles(plan.d, decoder=True), precision=prec,
+                             samples=plan.k)  # fmt: skip
     return x
 
 
@@ -227,21 +302,26 @@ def run_backward(
     adam: AdamBuffers | None = None,
     advance: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Backward launches (2L + 1, +1 with split-K): gradients into ``grad_flat`` or Adam into ``adam``."""
+    """Backward launches (2L + 1, +1 with split-K): gradients into ``grad_flat`` or Adam into ``adam``.
+    ``finalize``: fuse the one-sample loss into the first kernel (the engine); K samples were reduced by
+    finalize_loss, whose weights scale each decoder row here."""
     L, v, prec = len(plan.enc), buf.view, dot_precision(plan.dtype)
     dz = (weights[L + 1], buf.dz_partials)
+    row_weights = (buf.weights, buf.row_scale, plan.k) if plan.multi else None
     # output layer: dhd_{L-1} = (s * dlogits) W_out * act'(hd_{L-1})
     layer_backward_input(
         dy=v("dlogits", plan.d), w=weights[-1], h=v(f"hd{L - 1}", plan.dec[-1]), act=plan.act,
-        out=v(f"dhd{L - 1}", plan.dec[-1]), precision=prec, row_scale=grad_out,
-        tiles=plan.latent_tiles(plan.dec[-1]) if L == 1 else plan.tiles(plan.dec[-1]),
+        out=v(f"dhd{L - 1}", plan.dec[-1]), precision=prec, row_scale=grad_out, row_weights=row_weights,
+        tiles=plan.weighted_tiles(plan.dec[-1], plan.latent_tiles(plan.dec[-1], decoder=True) if L == 1
+                                  else plan.tiles(plan.dec[-1], decoder=True)),
         dz=dz if L == 1 else None, finalize=finalize,
     )  # fmt: skip
     for i in range(L - 1, 0, -1):
         layer_backward_input(
             dy=v(f"dhd{i}", plan.dec[i]), w=weights[L + 1 + i], h=v(f"hd{i - 1}", plan.dec[i - 1]), act=plan.act,
             out=v(f"dhd{i - 1}", plan.dec[i - 1]), precision=prec,
-            tiles=plan.latent_tiles(plan.dec[i - 1]) if i == 1 else plan.tiles(plan.dec[i - 1]),
+            tiles=plan.latent_tiles(plan.dec[i - 1], decoder=True) if i == 1
+            else plan.tiles(plan.dec[i - 1], decoder=True),
             dz=dz if i == 1 else None,
         )  # fmt: skip
     t = plan.latent_tiles(plan.enc[-1], small_k=True)
@@ -249,7 +329,7 @@ def run_backward(
         dz_partials=buf.dz_partials, mulv=buf.mulv, eps=eps, rng_state=rng_used, grad_out=grad_out, beta=beta,
         w_head=weights[L], h=v(f"h{L - 1}", plan.enc[-1]), act=plan.act, row_offset=row_offset,
         dmulv=v("dmulv", 2 * plan.z), dh=v(f"dh{L - 1}", plan.enc[-1]), block_m=t.rows, block_n=t.cols,
-        warps=t.warps, precision=prec,
+        warps=t.warps, precision=prec, samples=plan.k, iw_weights=buf.weights if plan.iw else None,
     )  # fmt: skip
     for i in range(L - 1, 0, -1):
         layer_backward_input(
@@ -257,44 +337,51 @@ def run_backward(
             out=v(f"dh{i - 1}", plan.enc[i - 1]), tiles=plan.tiles(plan.enc[i - 1]), precision=prec,
         )  # fmt: skip
     grouped_weight_grads(
-        groups=plan.grad_groups(), ws=buf.ws, x=x, grad_out=grad_out, batch=plan.batch,
-        tiles=wgrad_tiles(plan.dtype, plan.batch), precision=prec, out=grad_flat, adam=adam, advance=advance,
-        x_offset=buf.lay["x"],
+        groups=plan.grad_groups(), ws=buf.ws, x=x, grad_out=buf.row_scale if plan.multi else grad_out,
+        batch=plan.rows, tiles=wgrad_tiles(plan.dtype, plan.rows), precision=prec, out=grad_flat, adam=adam,
+        advance=advance, x_offset=buf.lay["x"], labels=buf.labels,
     )  # fmt: skip
 
 
 class FusedNegativeElbo(torch.autograd.Function):
-    """(x (B, D), eps (B, Z) or None, rng_state, beta, plan, row_offset, *params) -> (loss (B,), kl (B,))."""
+    """(x (B, D), eps (B K, Z) or None, labels (B,) int32 or None, rng_state, beta, plan, row_offset, *params)
+    -> (loss (B,), kl (B,), rec (B,) for K samples per row)."""
 
     @staticmethod
-    def forward(ctx, x, eps, rng_state, beta, plan: Plan, row_offset: int, *params):
+    def forward(ctx, x, eps, labels, rng_state, beta, plan: Plan, row_offset: int, *params):
         buf = Buffers(plan, x.device)
-        weights, biases = list(params[0::2]), list(params[1::2])
+        if labels is not None:
+            buf.labels.copy_(labels)
+        n = plan.n_core
+        weights, biases, label_w = list(params[0:n:2]), list(params[1:n:2]), params[n:]
         rng_used = torch.empty(2, dtype=torch.int64, device=x.device) if eps is None else None
-        run_forward(plan, buf, weights, biases, x=x, eps=eps, rng_state=rng_state, row_offset=row_offset)
+        run_forward(plan, buf, weights, biases, x=x, eps=eps, rng_state=rng_state, row_offset=row_offset,
+                    label_weights=tuple(label_w) if label_w else None)  # fmt: skip
         finalize_loss(rec_partials=buf.rec_partials, kl=buf.kl, beta=beta, loss=buf.loss,
-                      rng_state=rng_state if eps is None else None, rng_used=rng_used)  # fmt: skip
+                      rng_state=rng_state if eps is None else None, rng_used=rng_used,
+                      samples=buf.samples())  # fmt: skip
         ctx.plan, ctx.row_offset, ctx.buf = plan, row_offset, buf
         ctx.save_for_backward(x, eps, rng_used, beta, *params)
-        ctx.mark_non_differentiable(buf.kl)
+        outs = (buf.loss, buf.kl_rows, buf.rec) if plan.multi else (buf.loss, buf.kl)
+        ctx.mark_non_differentiable(*outs[1:])
         ctx.set_materialize_grads(False)  # no zeros kernel for the unused kl gradient
-        return buf.loss, buf.kl
+        return outs
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_kl):
+    def backward(ctx, grad_loss, *_unused):
         x, eps, rng_used, beta, *params = ctx.saved_tensors
         if grad_loss is None:
-            return (None,) * (6 + len(params))
+            return (None,) * (7 + len(params))
         plan: Plan = ctx.plan
         s = grad_loss if grad_loss.stride(0) in (0, 1) else grad_loss.contiguous()  # mean() gives stride 0
         flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=x.device)
-        run_backward(plan, ctx.buf, list(params[0::2]), x=x, eps=eps, rng_used=rng_used, grad_out=s, beta=beta,
-                     row_offset=ctx.row_offset, grad_flat=flat)  # fmt: skip
+        run_backward(plan, ctx.buf, list(params[0 : plan.n_core : 2]), x=x, eps=eps, rng_used=rng_used, grad_out=s,
+                     beta=beta, row_offset=ctx.row_offset, grad_flat=flat)  # fmt: skip
         grads, o = [], 0
         for p in params:
             grads.append(flat[o : o + p.numel()].view(p.shape))
             o += p.numel()
-        return (None, None, None, None, None, None, *grads)
+        return (None,) * 7 + tuple(grads)
 
 
 def fused_negative_elbo(
@@ -307,51 +394,78 @@ def fused_negative_elbo(
     rng_state: torch.Tensor,
     eps: torch.Tensor | None = None,
     row_offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample -ELBO (B,) and KL (B,) of a Bernoulli MLP VAE through the fused kernels.
+    *,
+    labels: torch.Tensor | None = None,
+    classes: int = 0,
+    k: int = 1,
+    iw: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-sample objective (B,), KL (B,) and, for K samples per row, the mean -log p(x|z_j) (B,) (else
+    None: rec = loss - beta KL) of a Bernoulli MLP VAE through the fused kernels.
 
-    ``x`` (B, D) contiguous fp32 or bf16 (the compute dtype); ``params`` fp32 in ReferenceVAE order;
-    ``beta`` a 0-d fp32 device tensor; ``rng_state`` int64 [seed, counter] on the device, used and
-    advanced when ``eps`` is None; ``row_offset`` is this process's first global row (DDP).
+    ``x`` (B, D) contiguous fp32 or bf16 (the compute dtype); ``params`` fp32 in ReferenceVAE order (the
+    label weights last for ``classes`` > 0, with ``labels`` (B,) in 0..classes-1); ``beta`` a 0-d fp32
+    device tensor; ``rng_state`` int64 [seed, counter] on the device, used and advanced when ``eps`` is None
+    (else eps is (B, Z), or (B, K, Z) for ``k`` samples); ``row_offset`` is this process's first global row
+    (DDP); ``iw``: the importance-weighted bound instead of the mean ELBO (KL is then the mean log q - log p).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be (B, D), got shape {tuple(x.shape)}")
     if x.requires_grad:
         # d(-ELBO)/dx has a direct term -logits (x is the BCE target) and the kernels do not keep logits.
         raise NotImplementedError("the fused kernels give no gradient w.r.t. x; use ReferenceVAE for that")
-    plan = Plan(x.shape[0], x.shape[1], tuple(hidden_dims), latent_dim, ACT_CODES[activation], x.dtype)
+    b = x.shape[0]
+    plan = Plan(b, x.shape[1], tuple(hidden_dims), latent_dim, ACT_CODES[activation], x.dtype, classes, k, iw)
     if eps is not None:
-        if eps.shape != (x.shape[0], latent_dim):
-            raise ValueError(f"eps must be (B, Z) = {(x.shape[0], latent_dim)}, got {tuple(eps.shape)}")
-        eps = eps.to(torch.float32).contiguous()
+        if eps.shape not in ((b, k, latent_dim), (b * k, latent_dim)) or (eps.dim() == 2 and k > 1):
+            want = (b, latent_dim) if k == 1 else (b, k, latent_dim)
+            raise ValueError(f"eps must be {want}, got {tuple(eps.shape)}")
+        eps = eps.reshape(b * k, latent_dim).to(torch.float32).contiguous()
+    if (labels is None) != (classes == 0):
+        raise ValueError("labels go with classes > 0 (a conditional VAE), and only then")
+    if labels is not None:
+        if labels.shape != (b,):
+            raise ValueError(f"labels must be (B,) = ({b},), got {tuple(labels.shape)}")
+        labels = labels.to(torch.int32)
     if plan.layout()["size"] >= 2**31:
         raise ValueError("batch too large for 32-bit workspace offsets; split it")
-    return FusedNegativeElbo.apply(x.contiguous(), eps, rng_state, beta, plan, row_offset, *params)
+    out = FusedNegativeElbo.apply(x.contiguous(), eps, labels, rng_state, beta, plan, row_offset, *params)
+    return (out[0], out[1], out[2]) if plan.multi else (out[0], out[1], None)
 
 
 class EngineStep:
-    """The engine's whole training step as 2L + 2 launches over persistent buffers (no autograd, no aten op).
+    """The engine's whole training step as 2L + 2 launches over persistent buffers (no autograd, no aten op);
+    2L + 3 for K samples per row (the K-sample reduction).
 
     ``params``/``adam``: flat fp32 parameters and Adam state (the model's parameters are views of
-    ``adam.params``); ``grad`` (P,) fp32 the step's gradient; ``weights``/``biases``: the tensors the kernels read (views of ``adam.lowp`` in bf16).
+    ``adam.params``); ``grad`` (P,) fp32 the step's gradient; ``weights``/``biases``: the tensors the kernels
+    read (views of ``adam.lowp`` in bf16); ``label_weights``: (encoder_label, decoder_label) of a conditional
+    VAE, with ``labels`` (N,) int64 resident, indexed like ``data``.
     ``data`` (N, D) uint8 resident; ``batches`` (steps, B) int64; ``cursor`` int64 [1]; ``rng_state`` int64
     [seed, counter]; ``beta`` () fp32; ``loss_acc`` (B,) fp32; ``grad_weight`` (B,) fp32 = 1/B;
     ``binarize`` None or (epoch_base int64 () device tensor, key_lo, key_hi) (``row_noise.key_words``).
     """
 
     def __init__(self, plan: Plan, *, weights, biases, adam: AdamBuffers, grad, data, batches, cursor, rng_state,
-                 beta, loss_acc, grad_weight, binarize: tuple | None) -> None:  # fmt: skip
+                 beta, loss_acc, grad_weight, binarize: tuple | None, label_weights: tuple | None = None,
+                 labels: torch.Tensor | None = None) -> None:  # fmt: skip
         self.plan, self.weights, self.biases, self.adam = plan, list(weights), list(biases), adam
         self.data, self.batches, self.cursor, self.rng_state = data, batches, cursor, rng_state
         self.beta, self.loss_acc, self.grad_weight, self.binarize = beta, loss_acc, grad_weight, binarize
+        self.label_weights, self.labels = label_weights, labels
         self.grad = grad  # (P,) fp32: the step's gradient, written before Adam reads it back
         self.buf = Buffers(plan, adam.params.device)
 
     def __call__(self) -> None:
         plan, buf = self.plan, self.buf
-        source = (self.data, self.batches, self.cursor, self.binarize)
+        source = (self.data, self.batches, self.cursor, self.binarize, self.labels)
         run_forward(plan, buf, self.weights, self.biases, x=None, eps=None, rng_state=self.rng_state,
-                    source=source, step=self.adam.step)  # fmt: skip
-        finalize = LossFinalize(buf.rec_partials, buf.kl, self.beta, buf.loss, self.loss_acc)
+                    source=source, step=self.adam.step, label_weights=self.label_weights)  # fmt: skip
+        finalize = None
+        if plan.multi:  # the K samples of each row reduced in their own kernel
+            finalize_loss(rec_partials=buf.rec_partials, kl=buf.kl, beta=self.beta, loss=buf.loss, rng_state=None,
+                          rng_used=None, samples=buf.samples(), loss_acc=self.loss_acc)  # fmt: skip
+        else:
+            finalize = LossFinalize(buf.rec_partials, buf.kl, self.beta, buf.loss, self.loss_acc)
         run_backward(plan, buf, self.weights, x=None, eps=None, rng_used=self.rng_state, grad_out=self.grad_weight,
                      beta=self.beta, finalize=finalize, grad_flat=self.grad, adam=self.adam, advance=(self.cursor, self.rng_state))  # fmt: skip

@@ -11,6 +11,11 @@ Activations live in one workspace buffer (the network input x may live outside i
 offsets, not pointers: it depends only on the shapes, is built once per shape, and stays valid inside a
 CUDA graph.
 
+Rows differ by group: the decoder side of a K-sample objective has B K rows, the encoder side B. A
+conditional VAE's label weights are groups whose A operand is onehot(y) (B, C), formed in registers from the
+labels by comparison: dW_y = dy^T onehot(y) is the scatter-add of dy's rows by label, done as a GEMM over
+the batch in a fixed order (deterministic, no atomics).
+
 Split-K over the batch is used only to fill the SMs (see ``heuristics.wgrad_splits``): with S > 1,
 program (tile, s) writes its partial sum to its own slot of an (S, P) buffer and :func:`_split_sum_kernel`
 adds the S slots in a fixed order. No float atomics, so two runs give bit-identical gradients.
@@ -23,6 +28,7 @@ reads either.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +55,10 @@ COL_K = tl.constexpr(6)
 COL_W_OFF = tl.constexpr(7)  # offset of dW (N, K) in the flat parameter / gradient buffer
 COL_B_OFF = tl.constexpr(8)  # offset of db (N,)
 COL_SCALE_ROWS = tl.constexpr(9)  # 1: scale dy's rows by grad_output (dlogits is stored unscaled)
-TABLE_COLS = tl.constexpr(10)
+COL_M = tl.constexpr(10)  # rows of dy and a (B, or B K on the decoder side of a K-sample objective)
+COL_LABEL_DIV = tl.constexpr(11)  # > 0: a is onehot(labels[r // this]) (a label weight); 0: a is read
+COL_ROWS_PER_SPLIT = tl.constexpr(12)  # rows each batch split reduces (a multiple of BLOCK_R)
+TABLE_COLS = tl.constexpr(13)
 # Rows of a weight-gradient tile per Adam slice: 16 x 128 fp32 = 8 elements per thread at 8 warps.
 ADAM_ROWS = 16
 
@@ -61,6 +70,7 @@ def _grouped_wgrad_kernel(
     table_ptr,  # int64 (G, TABLE_COLS) group descriptors
     ws_ptr,  # workspace holding every dy and every layer input except (maybe) x
     x_ptr,  # (M, D) network input when it lives outside the workspace; None otherwise
+    labels_ptr,  # (B,) int32 labels of a conditional VAE (HAS_LABELS); None otherwise
     s_ptr,  # (M,) grad_output, scales dy rows of groups that ask for it
     s_stride,  # element stride of s (0 for an expanded scalar)
     out_ptr,  # (S, P) fp32 partial gradients; the gradients themselves when S == 1 (Adam reads them back)
@@ -73,11 +83,10 @@ def _grouped_wgrad_kernel(
     cursor_ptr,  # int64 [1] step cursor, += 1 by program 0 (ADVANCE)
     rng_ptr,  # int64 [seed, counter], counter += 1 by program 0 (ADVANCE)
     G,  # number of groups
-    M,  # batch rows
     P,  # gradient elements over all groups (row stride of out)
     S,  # batch splits
-    rows_per_split,
     X_IN_WS: tl.constexpr,  # x lives in the workspace (the engine gathered it there)
+    HAS_LABELS: tl.constexpr,  # some groups are label weights
     FUSED_ADAM: tl.constexpr,
     WRITE_LOWP: tl.constexpr,
     ADVANCE: tl.constexpr,
@@ -102,6 +111,7 @@ def _grouped_wgrad_kernel(
     w_off = tl.load(row + COL_W_OFF)
     b_off = tl.load(row + COL_B_OFF)
     scale_rows = tl.load(row + COL_SCALE_ROWS)
+    M = tl.load(row + COL_M)
 
     local = pid - start
     split = local % S
@@ -123,6 +133,7 @@ def _grouped_wgrad_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rows_per_split = tl.load(row + COL_ROWS_PER_SPLIT)
     lo = split * rows_per_split
     hi = tl.minimum(M, lo + rows_per_split)
     for r0 in range(lo, hi, BLOCK_R):
@@ -134,12 +145,32 @@ def _grouped_wgrad_kernel(
         if scale_rows != 0:
             s = tl.load(s_ptr + rr * s_stride, mask=r_mask, other=0.0).to(tl.float32)
             dy = (dy.to(tl.float32) * s[:, None]).to(dy.dtype)
-        a = tl.load(a_base + rr[:, None] * K + rk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dy), a.to(dy.dtype), acc, input_precision=PRECISION)
+        a_mask = r_mask[:, None] & k_mask[None, :]
+        if HAS_LABELS:
+            # a label group's A is onehot(y) (BLOCK_R, BLOCK_K): its rows' labels compared with its columns.
+            # Tensor-core dots take it branch-free (a branch spilled 40 bytes at 255 registers, conditional
+            # pytorch-example B = 16384 bf16); FMA dots take the branch (branch-free spilled 12-36 bytes at
+            # 128 registers in fp32). Report, sm_90, compiled, not timed.
+            label_div = tl.load(row + COL_LABEL_DIV)
+            if PRECISION == "ieee":
+                if label_div != 0:
+                    lab = tl.load(labels_ptr + rr // label_div, mask=r_mask, other=-1)
+                    a = (lab[:, None] == rk[None, :]).to(dy.dtype)
+                else:
+                    a = tl.load(a_base + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(dy.dtype)
+            else:
+                lab = tl.load(
+                    labels_ptr + rr // tl.maximum(label_div, 1), mask=r_mask & (label_div != 0), other=-1
+                )
+                a = tl.load(a_base + rr[:, None] * K + rk[None, :], mask=a_mask & (label_div == 0), other=0.0)
+                a = a.to(dy.dtype) + (lab[:, None] == rk[None, :]).to(dy.dtype)
+        else:
+            a = tl.load(a_base + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(dy.dtype)
+        acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
         bacc += tl.sum(dy.to(tl.float32), axis=0)
     w_offs = w_off + rn[:, None] * K + rk[None, :]
     w_mask = n_mask[:, None] & k_mask[None, :]
-    b_mask = rn < tl.where(tk == 0, N, 0)  # the first K tile's programs own the bias
+    b_mask = rn < tl.where((tk == 0) & (b_off >= 0), N, 0)  # the first K tile's programs own the bias, if any
     out = out_ptr + split * P
     tl.store(out + w_offs, acc, mask=w_mask)
     tl.store(out + b_off + rn, bacc, mask=b_mask)
@@ -212,8 +243,10 @@ class GradGroup:
     n: int
     k: int
     w_off: int  # offset of dW (n, k) in the flat gradient
-    b_off: int  # offset of db (n,)
+    b_off: int  # offset of db (n,); -1: the layer has no bias (a label weight)
     scale_rows: bool = False
+    m: int = 0  # rows of dy and a; 0: the launch's batch
+    label_div: int = 0  # > 0: a is onehot(labels[r // label_div]), not read
 
 
 @dataclass(frozen=True)
@@ -235,18 +268,19 @@ def group_tiles(groups: tuple[GradGroup, ...], tiles: WgradTiles) -> int:
     return sum(triton.cdiv(g.n, tiles.n) * triton.cdiv(g.k, tiles.k) for g in groups)
 
 
-def _table(groups, tiles: WgradTiles, splits: int, device: torch.device, x_in_ws: bool):
+def _table(groups, tiles: WgradTiles, splits: int, device: torch.device, x_in_ws: bool, batch: int):
     """The device table for ``groups`` (cached per shape: built and copied once) and the program count."""
-    key = (groups, tiles, splits, str(device), x_in_ws)
+    key = (groups, tiles, splits, str(device), x_in_ws, batch)
     if key not in _TABLES:
         rows, start = [], 0
         for g in groups:
             tiles_n, tiles_k = triton.cdiv(g.n, tiles.n), triton.cdiv(g.k, tiles.k)
             a_in_x = g.a_off is None and not x_in_ws
             a_off = 0 if g.a_off is None else g.a_off
-            rows.append(
-                [start, tiles_k, int(a_in_x), g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off, int(g.scale_rows)]
-            )
+            m = g.m or batch
+            rows_per_split = triton.cdiv(triton.cdiv(m, splits), tiles.r) * tiles.r
+            rows.append([start, tiles_k, int(a_in_x), g.dy_off, a_off, g.n, g.k, g.w_off, g.b_off,
+                         int(g.scale_rows), m, g.label_div, rows_per_split])  # fmt: skip
             start += tiles_n * tiles_k * splits
         assert len(rows[0]) == TABLE_COLS.value
         _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=device), start)
@@ -266,22 +300,24 @@ def grouped_weight_grads(
     adam: AdamBuffers | None = None,
     advance: tuple[torch.Tensor, torch.Tensor] | None = None,
     x_offset: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Every group's dW and db into the flat fp32 gradient ``out`` (P,), then through Adam when ``adam``.
 
     ``x`` None: the network input lives in the workspace at ``x_offset`` (the groups' ``a_off`` None).
-    ``advance``: (cursor, rng_state) to advance by one in the step's last kernel. 1 or 2 launches.
+    ``advance``: (cursor, rng_state) to advance by one in the step's last kernel. ``labels`` (B,) int32:
+    the label groups' y. ``batch``: the rows of groups that do not give their own, and of the split
+    heuristic (pass the largest group's rows). 1 or 2 launches.
     """
     assert out is not None, "the flat fp32 gradient buffer (Adam reads the gradient back from it)"
     p = out.numel()
     device = ws.device
     x_in_ws = x is None
     if x_in_ws:
-        groups = tuple(g if g.a_off is not None else GradGroup(g.dy_off, x_offset, g.n, g.k, g.w_off, g.b_off,
-                                                                g.scale_rows) for g in groups)  # fmt: skip
+        groups = tuple(g if g.a_off is not None or g.label_div else dataclasses.replace(g, a_off=x_offset)
+                       for g in groups)  # fmt: skip
     splits = wgrad_splits(batch, group_tiles(groups, tiles))
-    table, programs = _table(groups, tiles, splits, device, x_in_ws)
-    rows_per_split = triton.cdiv(triton.cdiv(batch, splits), tiles.r) * tiles.r
+    table, programs = _table(groups, tiles, splits, device, x_in_ws, batch)
     part = out if splits == 1 else torch.empty(splits, p, dtype=torch.float32, device=device)
     fused_here = adam is not None and splits == 1
     a = adam if adam is not None else AdamBuffers(*(None,) * 5)
@@ -289,14 +325,13 @@ def grouped_weight_grads(
     # grid: one program per (group, N tile, K tile, batch split)
     launch(
         _grouped_wgrad_kernel, (programs,),
-        table_ptr=table, ws_ptr=ws, x_ptr=x, s_ptr=grad_out, s_stride=grad_out.stride(0),
+        table_ptr=table, ws_ptr=ws, x_ptr=x, labels_ptr=labels, s_ptr=grad_out, s_stride=grad_out.stride(0),
         out_ptr=part,
         params_ptr=a.params if fused_here else None, m_ptr=a.exp_avg if fused_here else None,
         v_ptr=a.exp_avg_sq if fused_here else None, lowp_ptr=a.lowp if fused_here else None,
         hyper_ptr=a.hyper if fused_here else None, step_ptr=a.step if fused_here else None,
         cursor_ptr=adv[0] if splits == 1 else None, rng_ptr=adv[1] if splits == 1 else None,
-        G=len(groups), M=batch, P=p, S=splits, rows_per_split=rows_per_split,
-        X_IN_WS=x_in_ws, FUSED_ADAM=fused_here, WRITE_LOWP=fused_here and a.lowp is not None,
+        G=len(groups), P=p, S=splits, X_IN_WS=x_in_ws, HAS_LABELS=labels is not None, FUSED_ADAM=fused_here, WRITE_LOWP=fused_here and a.lowp is not None,
         ADVANCE=advance is not None and splits == 1, PRECISION=precision,
         BLOCK_N=tiles.n, BLOCK_K=tiles.k, BLOCK_R=tiles.r, ADAM_ROWS=ADAM_ROWS, num_warps=tiles.warps,
     )  # fmt: skip
