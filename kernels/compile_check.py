@@ -6,7 +6,8 @@ Triton's interpreter (what the CPU tests use) runs kernels as numpy and never se
 errors in loop-carried variables, illegal dot shapes or dtypes, and bf16 paths only show up when the
 kernel is compiled. The variants are not listed by hand: the launches of real steps are recorded
 (``resources.record_step``: the engine's step and the autograd path with and without the caller's eps, for a
-1-hidden-layer ReLU and a 2-hidden-layer tanh preset, fp32 and bf16, at a batch without and with split-K)
+1-hidden-layer ReLU and a 2-hidden-layer tanh preset, the IWAE objective with K = 5 and a conditional VAE,
+fp32 and bf16, at a batch without and with split-K)
 and each is compiled exactly as its launcher specialises it. The resource report (``resources.py``) adds
 ptxas's register and spill counts to the same compiles.
 It must run without TRITON_INTERPRET (the tests start it in a subprocess).
@@ -25,10 +26,12 @@ CASES = [  # (preset, batch, path, caller eps)
     ("pytorch-example", 128, "module", True),
     ("iwae", 128, "engine", False),
     ("iwae", 128, "module", False),
+    ("iwae-k5", 128, "module", True),  # K samples: the reduction kernel, row weights, caller eps (B K, Z)
+    ("pytorch-example+y10", 128, "module", False),  # conditional: label bias, label-weight groups
     ("pytorch-example", 16384, "engine", False),  # split-K weight gradients + Adam in the sum kernel
     ("paper", 16384, "module", False),
 ]
-QUICK = 4  # --quick: the first cases (every kernel and flag at B = 128)
+QUICK = 6  # --quick: the first cases (every kernel and flag at B = 128)
 
 
 def compile_all(archs: tuple[int, ...] = (90,), verbose: bool = True, quick: bool = False) -> int:
