@@ -118,14 +118,21 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "test_rec": stats.rec,
         "test_kl": stats.kl,
         "active_units": stats.active_units,
+        "objective": run.config.objective,
+        "k": run.config.k,
+        "conditional": run.config.conditional,  # then the figures bound -log p(x|y), not -log p(x)
     }
     if a.iw is None:  # k = 5000 over 10,000 test images took ~23 min on a 2-core CPU, seconds on a GPU
         a.iw = IW_DEFAULT_GPU if run.test.x.device.type == "cuda" else IW_DEFAULT_CPU
     if run.config.is_ae:
         return _print_ae_eval(result, stats, a)
     if not a.json:  # the -ELBO takes seconds; print it before the IW bound's minutes
-        beta = run.config.beta
+        beta, cfg = run.config.beta, run.config
         objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
+        if cfg.objective == "iwae" or cfg.k > 1:
+            objective += f"; training objective ({cfg.objective}, k={cfg.k}): {stats.objective:.3f}"
+        if cfg.conditional:
+            objective += "; conditional: given the test labels"
         print(
             f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}"
             f"{objective}; {stats.n} samples, {stats.active_units} active units)",
@@ -161,18 +168,25 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from fastvae.images import save_grid
     from fastvae.limits import check_fits
     from fastvae.runs import load_model
+    from fastvae.toolkit import SAMPLE_ROWS, sample_labels
 
     device = resolve_device(a.device)
     model = load_model(a.run, device)
     check_fits(8 * a.n * model.config.flat_dim, f"{a.n:,} samples", "draw fewer with -n", device)
+    conditional_grid = model.config.conditional and a.label is None
+    ncol = a.ncol or (SAMPLE_ROWS if conditional_grid else math.ceil(math.sqrt(a.n)))
+    y = sample_labels(model, a.n, a.label, ncol)  # a conditional grid: row r shows label r % C
     g = torch.Generator(device=device)
     g.manual_seed(a.seed)
-    x = model.sample(a.n, generator=g, temperature=a.temperature).float().cpu().numpy()
+    x = model.sample(a.n, generator=g, temperature=a.temperature, y=y).float().cpu().numpy()
     if not np.isfinite(x).all():
         raise_error(f"temperature {a.temperature:g} gives non-finite samples; use a smaller --temperature")
     _check_out(a.out)
-    save_grid(x, model.config.data_shape, a.out, ncol=a.ncol or math.ceil(math.sqrt(a.n)))
-    print(f"wrote {a.n} samples to {a.out}")
+    save_grid(x, model.config.data_shape, a.out, ncol=ncol)
+    which = (
+        f" of label {a.label}" if a.label is not None else " (row r: label r % C)" if conditional_grid else ""
+    )
+    print(f"wrote {a.n} samples{which} to {a.out}")
     return 0
 
 
@@ -215,7 +229,10 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
             raise_error(f"{name} {i} is not a test image index (0..{len(run.test) - 1})")
     _check_out(a.out)
     x_a, x_b = run.test_images(a.a, a.a + 1), run.test_images(a.b, a.b + 1)
-    path = interpolate(run.model, x_a[0], x_b[0], a.steps)
+    ends = None
+    if run.config.conditional:
+        ends = (int(run.test_labels(a.a, a.a + 1)[0]), int(run.test_labels(a.b, a.b + 1)[0]))
+    path = interpolate(run.model, x_a[0], x_b[0], a.steps, labels=ends, label=a.label)
     row = torch.cat([x_a, path, x_b]).cpu().numpy()  # image a, the line, image b
     save_grid(row, run.config.data_shape, a.out, ncol=len(row), scale=3)
     print(
@@ -238,8 +255,10 @@ def cmd_manifold(a: argparse.Namespace) -> int:
     if config.latent_dim == 2:
         dims = (0, 1)
     else:
-        dims = tuple(most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000)), 2))
-    images, _ = manifold(run.model, a.n, dims)
+        dims = tuple(
+            most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000), run.test_labels(0, 2000)), 2)
+        )
+    images, _ = manifold(run.model, a.n, dims, label=a.label)
     save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
     other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
     print(f"wrote {a.out}: {a.n}x{a.n} grid over latent dims {dims[0]} (down) and {dims[1]} (across){other}")
@@ -253,7 +272,7 @@ def cmd_latents(a: argparse.Namespace) -> int:
     run = _load_run(a)
     _check_out(a.out)
     n = min(a.limit, len(run.test))
-    coords, axes = project_2d(posterior_means(run.model, run.test_images(0, n)))
+    coords, axes = project_2d(posterior_means(run.model, run.test_images(0, n), y=run.test_labels(0, n)))
     labels = None if run.labels is None else run.labels[:n]
     latent_scatter(coords.numpy(), labels, f"posterior means of {n} test samples: {axes}", a.out)
     print(f"wrote {a.out}: {n} test posterior means ({axes})")
@@ -274,10 +293,11 @@ def cmd_score(a: argparse.Namespace) -> int:
     if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
         raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
     x = torch.from_numpy(unit_float(arr))
+    y = _score_labels(a, config, len(x))
     _check_out(a.out)
     if config.is_ae:
         a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
-    nelbo, iw = anomaly_scores(run.model, x, a.iw, progress=True)
+    nelbo, iw = anomaly_scores(run.model, x, a.iw, progress=True, y=y)
     write_scores_csv(a.out, nelbo, iw, a.iw)
     first = "reconstruction NLL" if config.is_ae else "-ELBO"
     last = ", IW NLL undefined for an autoencoder" if config.is_ae else ""
@@ -288,13 +308,34 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def _score_labels(a: argparse.Namespace, config, n: int):
+    """A conditional VAE scores -log p(x|y): the labels from --labels (.npy, one integer per sample)."""
+    if not config.conditional:
+        if a.labels is not None:
+            raise_error("--labels applies to a conditional VAE (trained with --conditional); this one is not")
+        return None
+    if a.labels is None:
+        raise_error(
+            "a conditional VAE scores -log p(x|y): give --labels FILE.npy, one integer label per sample"
+        )
+    import torch
+
+    from fastvae.data import load_labels
+
+    y = load_labels(a.labels, n)
+    if y.min() < 0 or y.max() >= config.classes:
+        raise_error(f"{a.labels}: labels must be in 0..{config.classes - 1}, got {y.min()}..{y.max()}")
+    return torch.from_numpy(y)
+
+
 def _plot_scores(run, scores, a: argparse.Namespace) -> None:
     """Histogram of the scores against the run's own held-out test split, with the ROC AUC."""
     from fastvae.plots import score_histogram
     from fastvae.toolkit import anomaly_scores, roc_auc
 
     _check_out(a.plot)
-    ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw)
+    ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw,
+                                      y=run.test_labels(0, a.reference_limit))  # fmt: skip
     ref = ref_elbo if a.iw == 0 else ref_iw
     auc = roc_auc(ref, scores)
     what = "reconstruction NLL" if run.config.is_ae else ("-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})")
@@ -350,9 +391,11 @@ def cmd_edit(a: argparse.Namespace) -> int:
 
     from fastvae.edit import attribute_direction, edit, label_groups, parse_strengths, read_attribute
     from fastvae.images import save_grid
+    from fastvae.toolkit import refuse_conditional
 
     strengths = parse_strengths(a.strength)
     run = _load_run(a)
+    refuse_conditional(run.model, "fastvae edit (a label is an input of a conditional VAE, not a direction)")
     n = len(run.test)
     if not 0 <= a.image < n:
         raise_error(f"--image {a.image} is not a test image index (0..{n - 1})")
@@ -475,6 +518,15 @@ def _add_train(sub) -> None:
         choices=MODELS,
         help="vae, or ae: a plain autoencoder with the same networks (default: vae)",
     )
+    opt("--conditional", action="store_true",
+        help="a conditional VAE on the data's labels (y_train / y_test): encoder and decoder see onehot(y)")  # fmt: skip
+    opt("--objective", choices=c.OBJECTIVES,
+        help="elbo (mean of k single-sample ELBOs) or iwae (k-sample importance-weighted bound); default: the preset's")  # fmt: skip
+    opt(
+        "--k",
+        type=_int_at_least(1, c.MAX_SAMPLES),
+        help="latent samples per training row (default: the preset's, 1)",
+    )
     opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
     opt("--cuda-graph", action=argparse.BooleanOptionalAction,
         help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
@@ -501,10 +553,15 @@ def _add_toolkit(sub) -> None:
     i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--steps", type=_int_at_least(2, MAX_IMAGES), default=10)
+    i.add_argument("--label", type=_int_at_least(0), default=None,
+                   help="conditional VAE: decode the path with this label (default: image a's)")  # fmt: skip
 
     m = run_command("manifold", "decode a grid over the latent space (2-D, or the 2 most active dims)",
                     "manifold.png", cmd_manifold)  # fmt: skip
     m.add_argument("-n", type=_int_at_least(2, MAX_GRID_SIDE), default=20, help="grid side")
+    m.add_argument(
+        "--label", type=_int_at_least(0), default=None, help="conditional VAE: the class to draw (required)"
+    )
 
     lt = run_command(
         "latents", "scatter of test posterior means coloured by label", "latents.png", cmd_latents
@@ -518,6 +575,7 @@ def _add_toolkit(sub) -> None:
     sc.add_argument(
         "--iw", type=_int_at_least(0, MAX_IW), default=100, help="importance samples (0: -ELBO only)"
     )
+    sc.add_argument("--labels", default=None, help="conditional VAE: .npy of the samples' integer labels")
     sc.add_argument("--plot", default=None, help="also draw a histogram against the run's test split (PNG)")
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
     sc.add_argument("--threads", type=_int_at_least(1), default=None, help=_THREADS_HELP)
@@ -574,6 +632,8 @@ def _add_run_commands(sub) -> None:
     s.add_argument("--temperature", type=_float_range(0.0, lo_open=True, hi=MAX_TEMPERATURE), default=1.0,
                    help="scale of z")  # fmt: skip
     s.add_argument("--ncol", type=_int_at_least(1), default=None)
+    s.add_argument("--label", type=_int_at_least(0), default=None,
+                   help="conditional VAE: samples of this label (default: row r shows label r %% C)")  # fmt: skip
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_sample)

@@ -83,12 +83,15 @@ def compare_runs(paths: list[str], names: list[str] | None = None, *, device="cp
                  seed: int = 0) -> list[RunSummary]:  # fmt: skip
     """Load and summarize each run; they must share a data shape and test split size."""
     from fastvae.runs import load_run
+    from fastvae.toolkit import refuse_conditional
 
     if len(paths) < 2:
         raise FastVAEError("compare needs at least two run directories")
     if names is not None and len(names) != len(paths):
         raise FastVAEError(f"--names gives {len(names)} names for {len(paths)} runs")
     runs = [load_run(p, device) for p in paths]
+    for r in runs:
+        refuse_conditional(r.model, f"fastvae compare ({r.path})")
     shapes, sizes = {r.config.data_shape for r in runs}, {len(r.test) for r in runs}
     if len(shapes) != 1 or len(sizes) != 1:
         raise FastVAEError("compare needs runs on the same data (same sample shape and test split)")

@@ -254,6 +254,10 @@ class TrainConfig:
     likelihood: str | None = None
     beta: float | None = None
     model: str | None = None  # "vae" | "ae" (None: the preset's, "vae")
+    # A conditional VAE on the data's labels (y_train / y_test): encoder and decoder both see onehot(y).
+    conditional: bool = False
+    objective: str | None = None  # "elbo" | "iwae" (None: the preset's)
+    k: int | None = None  # latent samples per training row (None: the preset's)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded only
 
     def __post_init__(self) -> None:
@@ -291,7 +295,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise FastVAEError("--resume and --overwrite exclude each other")
         self._check_data_options()
-        for name in ("binarize", "resume", "overwrite", "progress", "grayscale"):
+        for name in ("binarize", "resume", "overwrite", "progress", "grayscale", "conditional"):
             if not isinstance(getattr(self, name), bool):
                 raise FastVAEError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("engine", "cuda_graph"):
@@ -303,6 +307,10 @@ class TrainConfig:
         if self.out is not None and not isinstance(self.out, str):
             raise FastVAEError(f"out must be a path string, got {self.out!r}")
         self.model_config()  # validates the overrides
+        if self.model_config().objective == "iwae" and self.free_bits > 0:
+            raise FastVAEError(
+                "free bits floor the ELBO's closed-form KL: they do not apply to the IWAE objective"
+            )
         if self.model_config().is_ae:
             ae_unused = {"free_bits": self.free_bits > 0, "kl_warmup_steps": self.kl_warmup_steps > 0,
                          "kl_warmup_epochs": self.kl_warmup_epochs > 0}  # fmt: skip
@@ -356,14 +364,27 @@ class TrainConfig:
             raise FastVAEError("extra must be an object")
         return cls(**d)
 
-    def model_config(self, data_shape: tuple[int, ...] | None = None) -> VAEConfig:
+    def model_config(self, data_shape: tuple[int, ...] | None = None, classes: int = 0) -> VAEConfig:
+        """The model of this run: the preset with the overrides, the data's shape and, for a conditional
+        run, its ``classes`` (from the data's labels)."""
         changes = {
             k: getattr(self, k)
-            for k in ("hidden_dims", "latent_dim", "activation", "likelihood", "beta", "model")
+            for k in (
+                "hidden_dims",
+                "latent_dim",
+                "activation",
+                "likelihood",
+                "beta",
+                "model",
+                "objective",
+                "k",
+            )
             if getattr(self, k) is not None
         }
         if data_shape is not None:
             changes["input_dim"] = tuple(data_shape)
+        if self.conditional and classes:
+            changes["classes"] = classes
         return preset(self.preset).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -296,6 +296,17 @@ def load_array(
     return validate_array(arrays[key] if key else next(iter(arrays.values())), likelihood, str(path))
 
 
+def load_labels(source: str | os.PathLike, n: int) -> np.ndarray:
+    """n integer labels from a .npy, or a .npz's y_test / y (or its one array); one clear line otherwise."""
+    arrays = _read_arrays(Path(source))
+    key = next((k for k in ("y_test", "y") if k in arrays), None)
+    if key is None and len(arrays) != 1:
+        raise FastVAEError(
+            f"{source}: expected one array of labels (or y / y_test), found {', '.join(sorted(arrays))}"
+        )
+    return validate_labels(arrays[key] if key else next(iter(arrays.values())), n, str(source))
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FastVAEError(f"{path}: no such data file")
@@ -374,12 +385,32 @@ def unit_float(x: np.ndarray) -> np.ndarray:
     return flat.astype(np.float32) / 255.0 if flat.dtype == np.uint8 else flat.astype(np.float32)
 
 
-class DeviceData:
-    """A whole split resident on one device; ``batch(idx)`` gathers rows as float (B, D) in [0, 1]."""
+def label_classes(dataset: Dataset) -> int:
+    """C for a conditional VAE on ``dataset``: one more than its largest label (train or test). One clear
+    line when it has no labels or a negative one."""
+    if dataset.y_train is None or dataset.y_test is None:
+        raise FastVAEError(
+            f"{dataset.name} has no labels: a conditional VAE (--conditional) needs y_train and y_test in a "
+            ".npz, a labelled Dataset, or a folder of images in one subfolder per class"
+        )
+    lo = min(int(dataset.y_train.min(initial=0)), int(dataset.y_test.min(initial=0)))
+    if lo < 0:
+        raise FastVAEError(f"{dataset.name}: labels must be >= 0 for a conditional VAE, got {lo}")
+    return max(int(dataset.y_train.max(initial=0)), int(dataset.y_test.max(initial=0))) + 1
 
-    def __init__(self, x: np.ndarray, device: torch.device | str) -> None:
+
+class DeviceData:
+    """A whole split resident on one device; ``batch(idx)`` gathers rows as float (B, D) in [0, 1]; ``y``:
+    its labels (N,) int64, resident too, when a conditional VAE uses them (else None)."""
+
+    def __init__(self, x: np.ndarray, device: torch.device | str, y: np.ndarray | None = None) -> None:
         self.scaled = x.dtype == np.uint8
         self.x = torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1))).to(device)  # (N, D)
+        self.y = None if y is None else torch.from_numpy(np.asarray(y, np.int64)).to(device)  # (N,)
+
+    def labels(self, idx: Tensor) -> Tensor | None:
+        """The labels of rows ``idx``, or None for unlabelled (unconditional) data."""
+        return None if self.y is None else self.y.index_select(0, idx)
 
     def __len__(self) -> int:
         return self.x.shape[0]

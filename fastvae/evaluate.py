@@ -61,17 +61,31 @@ def _row_ids(start: int, stop: int, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def elbo_terms_by_row(model: torch.nn.Module, x: Tensor, rows: Tensor, seed: int) -> Objective:
-    """:meth:`ReferenceVAE.objective` for consecutive test rows ``rows`` with their keyed eps. The
-    reference (plain PyTorch) path on every backend: it keeps the KL per latent dimension, which the
-    report needs. Computed in row blocks aligned to the rows' indices: bit-identical in any batching."""
-    eps = row_normal(seed, EVAL_SALT, rows, model.config.latent_dim).to(x.device)
+def elbo_terms_by_row(
+    model: torch.nn.Module, x: Tensor, rows: Tensor, seed: int, y: Tensor | None = None
+) -> Objective:
+    """For consecutive test rows ``rows`` (labels ``y`` for a conditional VAE) with their keyed eps:
+    rec, KL and KL per dimension of one draw (the -ELBO, whatever the training objective), and as ``loss``
+    the training objective (:meth:`ReferenceVAE.objective`; with K samples per row, their K draws, the
+    first of which is the -ELBO's). The reference (plain PyTorch) path on every backend: it keeps the KL per
+    latent dimension, which the report needs. Computed in row blocks aligned to the rows' indices:
+    bit-identical in any batching."""
+    cfg = model.config
+    z, k = cfg.latent_dim, cfg.k
+    multi = k > 1 or cfg.objective == "iwae"
+    eps = row_normal(seed, EVAL_SALT, rows, k * z).to(x.device)  # (B, K Z)
 
-    def parts(xb: Tensor, eb: Tensor) -> Tensor:  # (R, 3 + Z): rec, kl, loss, kl per dimension
-        o = ReferenceVAE.objective(model, xb, eb)
-        return torch.cat([torch.stack([o.rec, o.kl, o.loss], -1), o.kl_per_dim], -1)
+    def parts(xb: Tensor, eb: Tensor, *yb: Tensor) -> Tensor:  # (R, 3 + Z): rec, kl, loss, kl per dim
+        yb = yb[0] if yb else None
+        rec, kl = ReferenceVAE.elbo_terms(model, xb, eb[:, :z], yb)  # (R,), (R, Z)
+        if multi:
+            loss = ReferenceVAE.objective(model, xb, eb.view(len(xb), k, z), y=yb).loss
+        else:
+            loss = rec + cfg.beta * kl.sum(-1)  # objective() at free bits 0, as training's figure
+        return torch.cat([torch.stack([rec, kl.sum(-1), loss], -1), kl], -1)
 
-    p = fixed_row_blocks(parts, x.flatten(1), eps, offset=int(rows[0]) if len(rows) else 0)
+    labels = () if y is None else (y,)
+    p = fixed_row_blocks(parts, x.flatten(1), eps, *labels, offset=int(rows[0]) if len(rows) else 0)
     return Objective(p[:, 2], p[:, 0], p[:, 1], p[:, 3:])
 
 
@@ -96,7 +110,7 @@ def elbo_stats(
     rows = _shard(n, dist)
     for start in range(rows.start, rows.stop, batch_size):
         idx = _row_ids(start, min(start + batch_size, rows.stop), device)
-        o = elbo_terms_by_row(model, eval_rows(data, idx, seed, binarize), idx, seed)
+        o = elbo_terms_by_row(model, eval_rows(data, idx, seed, binarize), idx, seed, data.labels(idx))
         sums[0] += o.rec.double().sum()
         sums[1] += o.kl.double().sum()
         sums[2] += o.loss.double().sum()
@@ -109,9 +123,11 @@ def elbo_stats(
 
 
 @torch.no_grad()
-def iw_bound_by_row(model: torch.nn.Module, x: Tensor, rows: Tensor, k: int, seed: int) -> Tensor:
-    """(B,) k-sample importance-weighted -log p(x) of consecutive test rows ``rows``, draw j of row r
-    keyed by (r, j)."""
+def iw_bound_by_row(
+    model: torch.nn.Module, x: Tensor, rows: Tensor, k: int, seed: int, y: Tensor | None = None
+) -> Tensor:
+    """(B,) k-sample importance-weighted -log p(x) (-log p(x|y) with labels ``y``) of consecutive test rows
+    ``rows``, draw j of row r keyed by (r, j)."""
     z_dim = model.config.latent_dim
 
     def noise(start: int, c: int) -> Tensor:  # (c, B, Z): columns start*Z .. (start+c)*Z of each row
@@ -121,7 +137,9 @@ def iw_bound_by_row(model: torch.nn.Module, x: Tensor, rows: Tensor, k: int, see
             .transpose(0, 1)
         )
 
-    return model.importance_weighted_bound(x, k, noise=noise, row_offset=int(rows[0]) if len(rows) else 0)
+    return model.importance_weighted_bound(
+        x, k, noise=noise, row_offset=int(rows[0]) if len(rows) else 0, y=y
+    )
 
 
 @torch.no_grad()
@@ -144,5 +162,5 @@ def importance_weighted_nll(
     for start in tqdm(starts, desc=f"IW k={k}", disable=not progress, leave=False):
         idx = _row_ids(start, min(start + batch_size, n), data.x.device)
         x = eval_rows(data, idx, seed, binarize)
-        total += iw_bound_by_row(model, x, idx, k, seed).double().sum().item()
+        total += iw_bound_by_row(model, x, idx, k, seed, data.labels(idx)).double().sum().item()
     return total / max(n, 1)

@@ -226,9 +226,11 @@ class ReferenceVAE(nn.Module):
         free_bits: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Training step for DDP and plain loops: (mean objective, a scalar; per-sample rec +
-        config.beta * KL (B,), detached, the figure the trainer reports)."""
+        config.beta * KL (B,), detached, the figure the trainer reports; for the IWAE objective the bound
+        itself)."""
         o = self.objective(x, eps, y=y, beta=beta, free_bits=free_bits)
-        return o.loss.mean(), (o.rec + self.config.beta * o.kl).detach()
+        report = o.loss if self.config.objective == "iwae" else o.rec + self.config.beta * o.kl
+        return o.loss.mean(), report.detach()
 
     # ---- pieces ----------------------------------------------------------------------------------
     def elbo_terms(

@@ -231,6 +231,9 @@ def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> Qualit
     """Scores of ``n`` prior samples and ``n`` interpolation midpoints of a loaded run
     (:func:`fastvae.runs.load_run`), against a seeded random half of its test split; the other half is
     scored as the real-data floor (n is capped at that half's size, so every row uses as many images)."""
+    from fastvae.toolkit import refuse_conditional
+
+    refuse_conditional(run.model, "fastvae quality (it judges unlabelled prior samples)")
     from fastvae.data import load_dataset
     from fastvae.toolkit import prior_samples
 

@@ -25,12 +25,12 @@ from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model
 from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
 from fastvae.config import TrainConfig, VAEConfig, describe_data
-from fastvae.data import DeviceData, is_in_memory, load_dataset
+from fastvae.data import DeviceData, is_in_memory, label_classes, load_dataset
 from fastvae.distributed import DistInfo
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import eval_rows
 from fastvae.images import save_grid
-from fastvae.toolkit import prior_samples
+from fastvae.toolkit import SAMPLE_ROWS, prior_samples
 
 IMAGE_FILES = ("samples.png", "reconstructions.png")
 
@@ -114,6 +114,11 @@ class Run:
         rows = torch.arange(start, stop, device=self.test.x.device)
         return eval_rows(self.test, rows, self.seed, self.binarized and not raw)
 
+    def test_labels(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """Labels of test rows start..stop on the model's device for a conditional VAE, else None."""
+        stop = len(self.test) if stop is None else min(stop, len(self.test))
+        return self.test.labels(torch.arange(start, stop, device=self.test.x.device))
+
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", data: Any = None) -> Run:
     """Load a run for evaluation or the toolkit; ``data`` (any form ``fastvae.train`` takes) replaces the
@@ -135,8 +140,15 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", dat
         raise FastVAEError(
             f"{describe_data(source)}: samples have shape {dataset.data_shape}, the model expects {config.data_shape}"
         )
+    if config.conditional:
+        classes = label_classes(dataset)
+        if classes > config.classes:
+            raise FastVAEError(
+                f"{describe_data(source)}: labels up to {classes - 1}, the model knows {config.classes} classes"
+            )
+    test = DeviceData(dataset.x_test, device, dataset.y_test if config.conditional else None)
     return Run(
-        Path(run_dir), model, config, doc, DeviceData(dataset.x_test, device), dataset.y_test,
+        Path(run_dir), model, config, doc, test, dataset.y_test,
         int(train_cfg.get("seed", 0)), bool(train_cfg.get("binarize", False)),
     )  # fmt: skip
 
@@ -226,10 +238,12 @@ def write_images(
     if epoch is not None:
         (run_dir / "images").mkdir(exist_ok=True)
         names = tuple(f"images/{n[:-4]}-epoch-{epoch:03d}.png" for n in IMAGE_FILES)
-    save_grid(prior_samples(model, 64, seed).float().cpu().numpy(), shape, run_dir / names[0])
+    n, ncol = (SAMPLE_ROWS * model.config.classes, SAMPLE_ROWS) if model.config.conditional else (64, 8)
+    save_grid(prior_samples(model, n, seed).float().cpu().numpy(), shape, run_dir / names[0], ncol=ncol)
     with torch.no_grad():
-        x = eval_rows(test, torch.arange(min(8, len(test)), device=test.x.device), seed, binarize)
-        mu, _ = model.encode(x)
-        recon = model.mean_output(model.decode(mu))
+        rows = torch.arange(min(8, len(test)), device=test.x.device)
+        x, y = eval_rows(test, rows, seed, binarize), test.labels(rows)
+        mu, _ = model.encode(x, y)
+        recon = model.mean_output(model.decode(mu, y))
     both = torch.cat([x, recon]).float().cpu().numpy()
     save_grid(both, shape, run_dir / names[1], ncol=len(x))

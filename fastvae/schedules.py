@@ -45,10 +45,12 @@ def sample_ids(epoch: int | torch.Tensor, n_train: int, idx: torch.Tensor) -> to
 
 
 def step_noise(
-    seed: int, ids: torch.Tensor, x: torch.Tensor, z_dim: int, binarized: bool
+    seed: int, ids: torch.Tensor, x: torch.Tensor, z_dim: int, binarized: bool, k: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, binarized when asked; eps (B, Z)) for the samples ``ids`` (:func:`sample_ids`), both by the
-    row rule of ``fastvae.noise``: a sample's noise does not depend on the rank that trains it."""
+    """(x, binarized when asked; eps (B, Z), or (B, K, Z) for ``k`` latent samples per row) for the samples
+    ``ids`` (:func:`sample_ids`), both by the row rule of ``fastvae.noise``: a sample's noise does not
+    depend on the rank that trains it, and sample j of a row is its columns j Z .. (j + 1) Z."""
     if binarized:
         x = binarize(x, seed, TRAIN_BINARIZE_SALT, ids)
-    return x, row_normal(seed, TRAIN_EPS_SALT, ids, z_dim).to(x.device)
+    eps = row_normal(seed, TRAIN_EPS_SALT, ids, k * z_dim).to(x.device)
+    return x, eps if k == 1 else eps.view(len(ids), k, z_dim)

@@ -14,29 +14,73 @@ from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats, elbo_terms_by_row, iw_bound_by_row
 from fastvae.noise import keyed_generator
 
+# A conditional VAE's sample grids have this many images per row, each row one label.
+SAMPLE_ROWS = 10
+
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def sample_labels(
+    model: torch.nn.Module, n: int, label: int | None = None, ncol: int = SAMPLE_ROWS
+) -> Tensor | None:
+    """Labels for n samples of a conditional VAE (None for an unconditional one): ``label`` for all, or by
+    default the grid's row r (of ``ncol`` images) showing label r % C, so a grid shows every class in turn.
+    One clear line for a label out of range or given to an unconditional model."""
+    c = model.config.classes
+    if not model.config.conditional:
+        if label is not None:
+            raise FastVAEError(
+                "--label applies to a conditional VAE (trained with --conditional); this one is not"
+            )
+        return None
+    if label is not None and not 0 <= label < c:
+        raise FastVAEError(f"--label must be in 0..{c - 1} for this model, got {label}")
+    y = torch.full((n,), label) if label is not None else (torch.arange(n) // ncol) % c
+    return y.to(_device(model))
+
+
 @torch.no_grad()
-def prior_samples(model: torch.nn.Module, n: int, seed: int) -> Tensor:
+def prior_samples(model: torch.nn.Module, n: int, seed: int, label: int | None = None) -> Tensor:
     """n samples of E[x|z], z ~ N(0, I) drawn from a generator keyed by ``seed``: the same images in a
     run's samples.png, in ``fastvae compare`` and in ``fastvae quality`` for one seed. (n, D) on the model's
-    device."""
-    return model.sample(n, generator=keyed_generator(seed, 0, _device(model)))
+    device. A conditional VAE's samples have ``label``, or row r of a 10-column grid shows label r % C."""
+    y = sample_labels(model, n, label)
+    return model.sample(n, generator=keyed_generator(seed, 0, _device(model)), y=y)
 
 
 @torch.no_grad()
-def interpolate(model: torch.nn.Module, x_a: Tensor, x_b: Tensor, steps: int = 10) -> Tensor:
+def interpolate(
+    model: torch.nn.Module,
+    x_a: Tensor,
+    x_b: Tensor,
+    steps: int = 10,
+    *,
+    labels: tuple[int, int] | None = None,
+    label: int | None = None,
+) -> Tensor:
     """Decode the straight line between the posterior means of x_a and x_b: (steps, D), endpoints
-    included (they are the two reconstructions)."""
+    included (they are the two reconstructions). A conditional VAE encodes each end with its own label
+    (``labels``) and decodes the whole path with one fixed ``label`` (default: x_a's)."""
     if steps < 2:
         raise FastVAEError(f"steps must be >= 2, got {steps}")
-    mu, _ = model.encode(torch.stack([x_a.flatten(), x_b.flatten()]).to(_device(model)))  # (2, Z)
+    device = _device(model)
+    y_ends = y_path = None
+    if model.config.conditional:
+        if labels is None:
+            raise FastVAEError("a conditional VAE needs the two images' labels to encode them")
+        fixed = labels[0] if label is None else label
+        for v in labels:
+            sample_labels(model, 1, v)  # range checks, one line each
+        y_ends = torch.tensor(labels, device=device)
+        y_path = sample_labels(model, steps, fixed)
+    elif label is not None:
+        sample_labels(model, 1, label)  # the one-line refusal
+    mu, _ = model.encode(torch.stack([x_a.flatten(), x_b.flatten()]).to(device), y_ends)  # (2, Z)
     t = torch.linspace(0.0, 1.0, steps, device=mu.device)[:, None]  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, Z)
-    return model.mean_output(model.decode(z))
+    return model.mean_output(model.decode(z, y_path))
 
 
 def most_active_dims(kl_per_dim: list[float] | Tensor, k: int = 2) -> list[int]:
@@ -47,11 +91,16 @@ def most_active_dims(kl_per_dim: list[float] | Tensor, k: int = 2) -> list[int]:
 
 @torch.no_grad()
 def manifold(
-    model: torch.nn.Module, n: int = 20, dims: tuple[int, int] = (0, 1), edge: float = 0.05
+    model: torch.nn.Module,
+    n: int = 20,
+    dims: tuple[int, int] = (0, 1),
+    edge: float = 0.05,
+    label: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode an n x n grid of z whose coordinates in ``dims`` are the standard normal's quantiles at
     linspace(edge, 1 - edge, n) (the AEVB paper's figure of the learned MNIST manifold), the other
-    coordinates held at 0. Returns (images (n*n, D), grid values (n,)); row r varies dims[0] downwards."""
+    coordinates held at 0. Returns (images (n*n, D), grid values (n,)); row r varies dims[0] downwards.
+    A conditional VAE decodes every z with ``label`` (the style manifold of one class; required)."""
     if n < 2:
         raise FastVAEError(f"n must be >= 2, got {n}")
     z_dim = model.config.latent_dim
@@ -65,14 +114,24 @@ def manifold(
     z = torch.zeros(n, n, z_dim)
     z[:, :, dims[0]] = vals.flip(0)[:, None]  # top row: largest value, as in a plot's y axis
     z[:, :, dims[1]] = vals[None, :]
-    return model.mean_output(model.decode(z.view(n * n, z_dim).to(device))), vals
+    if model.config.conditional and label is None:
+        raise FastVAEError(
+            f"a conditional VAE's manifold is drawn for one label: give --label 0..{model.config.classes - 1}"
+        )
+    y = sample_labels(model, n * n, label)
+    return model.mean_output(model.decode(z.view(n * n, z_dim).to(device), y)), vals
 
 
 @torch.no_grad()
-def posterior_means(model: torch.nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """mu(x) for every row of x, (N, Z), on the CPU."""
+def posterior_means(
+    model: torch.nn.Module, x: Tensor, batch_size: int = 1000, y: Tensor | None = None
+) -> Tensor:
+    """mu(x) (mu(x, y) with labels ``y`` for a conditional VAE) for every row of x, (N, Z), on the CPU."""
     device = _device(model)
-    out = [model.encode(x[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(x), batch_size)]
+    out = []
+    for i in range(0, len(x), batch_size):
+        yb = None if y is None else y[i : i + batch_size].to(device)
+        out.append(model.encode(x[i : i + batch_size].to(device), yb)[0].cpu())
     return torch.cat(out)
 
 
@@ -92,10 +151,10 @@ def project_2d(mu: Tensor) -> tuple[Tensor, str]:
 @torch.no_grad()
 def anomaly_scores(
     model: torch.nn.Module, x: Tensor, k: int = 100, *, seed: int = 0, batch_size: int = 100,
-    progress: bool = False,
+    progress: bool = False, y: Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Per-sample -ELBO and k-sample importance-weighted NLL (nats): higher means more unusual;
-    ``progress`` shows a bar (with an ETA) on stderr."""
+    ``progress`` shows a bar (with an ETA) on stderr. A conditional VAE scores -log p(x|y) with labels y."""
     import sys
 
     from tqdm import tqdm
@@ -108,9 +167,10 @@ def anomaly_scores(
     ):
         xb = x[start : start + batch_size].to(device)
         rows = torch.arange(start, start + len(xb), device=device)  # noise keyed by the row's index in x
-        nelbo.append(elbo_terms_by_row(model, xb, rows, seed).neg_elbo.double().cpu())
+        yb = None if y is None else y[start : start + batch_size].to(device)
+        nelbo.append(elbo_terms_by_row(model, xb, rows, seed, yb).neg_elbo.double().cpu())
         if k > 0:
-            iw.append(iw_bound_by_row(model, xb, rows, k, seed).double().cpu())
+            iw.append(iw_bound_by_row(model, xb, rows, k, seed, yb).double().cpu())
     nelbo_all = torch.cat(nelbo).numpy()
     return nelbo_all, (torch.cat(iw).numpy() if iw else np.full_like(nelbo_all, np.nan))
 
@@ -130,20 +190,27 @@ def roc_auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return float((ranks[n_n:].sum() - n_a * (n_a + 1) / 2) / (n_a * n_n))
 
 
-def usage_per_dim(model: torch.nn.Module, x: Tensor) -> list[float]:
-    """How much the model uses each latent dimension on the rows of x: the mean KL for a VAE, the variance
-    of the codes mu(x) for the autoencoder (its KL is zero)."""
+def usage_per_dim(model: torch.nn.Module, x: Tensor, y: Tensor | None = None) -> list[float]:
+    """How much the model uses each latent dimension on the rows of x (labels ``y`` for a conditional VAE):
+    the mean KL for a VAE, the variance of the codes mu(x) for the autoencoder (its KL is zero)."""
     if model.config.is_ae:
-        return posterior_means(model, x).double().var(0).tolist()
-    return kl_per_dim_on(model, x)
+        return posterior_means(model, x, y=y).double().var(0).tolist()
+    return kl_per_dim_on(model, x, y)
 
 
-def kl_per_dim_on(model: torch.nn.Module, x: Tensor) -> list[float]:
-    """Mean KL of each latent dimension over the rows of x."""
+def kl_per_dim_on(model: torch.nn.Module, x: Tensor, y: Tensor | None = None) -> list[float]:
+    """Mean KL of each latent dimension over the rows of x (labels ``y`` for a conditional VAE)."""
     from fastvae.data import DeviceData
 
-    data = DeviceData(x.cpu().numpy().astype(np.float32), _device(model))
+    labels = None if y is None else y.cpu().numpy()
+    data = DeviceData(x.cpu().numpy().astype(np.float32), _device(model), labels)
     return elbo_stats(model, data).kl_per_dim
+
+
+def refuse_conditional(model: torch.nn.Module, what: str) -> None:
+    """One clear line where a command is not defined for a conditional VAE."""
+    if model.config.conditional:
+        raise FastVAEError(f"{what} is not defined for a conditional VAE (trained with --conditional)")
 
 
 def write_scores_csv(path: str, nelbo: np.ndarray, iw: np.ndarray, k: int) -> None:

@@ -29,7 +29,7 @@ import fastvae
 from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model, resolve_backend, set_threads
 from fastvae.config import TrainConfig
-from fastvae.data import DeviceData, load_dataset
+from fastvae.data import DeviceData, label_classes, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
 from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
 from fastvae.errors import FastVAEError, Preempted
@@ -97,6 +97,14 @@ def _figure_line(model_cfg, stats) -> str:
     return f"test -ELBO {stats.neg_elbo:.3f} nats  (KL {stats.kl:.2f}, {stats.active_units} active)"
 
 
+def _model_kind(m) -> str:
+    """What the start line adds about the objective and the labels (nothing for the plain VAE)."""
+    parts = [f"{m.classes} labels"] if m.conditional else []
+    if m.objective == "iwae" or m.k > 1:
+        parts.append(f"{m.objective} k={m.k}")
+    return "".join(f", {p}" for p in parts)
+
+
 # ---- the two steps --------------------------------------------------------------------------------------
 class _EagerStep:
     """One optimizer step from host-side indices: keyed noise, the model's objective (through DDP when
@@ -119,8 +127,9 @@ class _EagerStep:
         r, b = self.run, self.run.cfg.batch_size
         idx = self.perm[i * b : (i + 1) * b][self.rows]  # (B_local,) data indices
         x, eps = step_noise(r.cfg.seed, sample_ids(self.epoch, r.n_train, idx), r.train_data.batch(idx),
-                            r.model_cfg.latent_dim, r.cfg.binarize)  # fmt: skip
-        objective, report = r.net(x, eps, beta=r.beta_at(step), free_bits=r.cfg.free_bits)
+                            r.model_cfg.latent_dim, r.cfg.binarize, r.model_cfg.k)  # fmt: skip
+        y = r.train_data.labels(idx)  # None unless conditional
+        objective, report = r.net(x, eps, y=y, beta=r.beta_at(step), free_bits=r.cfg.free_bits)
         r.opt.zero_grad(set_to_none=True)
         objective.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(r.params, float("inf"))
@@ -242,7 +251,7 @@ class _Run:
             raise FastVAEError(f"batch_size {cfg.batch_size} must divide evenly over {info.world_size} ranks")
         data = load_dataset(cfg.data, cfg.model_config().likelihood, image_size=cfg.image_size,
                             grayscale=cfg.grayscale, progress=cfg.progress and info.is_main)  # fmt: skip
-        self.model_cfg = cfg.model_config(data.data_shape)
+        self.model_cfg = cfg.model_config(data.data_shape, label_classes(data) if cfg.conditional else 0)
         self.n_train = len(data.x_train)
         self.steps_per_epoch = self.n_train // cfg.batch_size  # the last partial batch is dropped
         if self.steps_per_epoch == 0:
@@ -269,8 +278,9 @@ class _Run:
             self._resume()
         elif info.is_main:
             ckpt.write_run_config(self.run_dir, self.doc)
-        self.train_data = DeviceData(data.x_train, self.device)
-        self.test_data = DeviceData(data.x_test, self.device)
+        labelled = self.model_cfg.conditional
+        self.train_data = DeviceData(data.x_train, self.device, data.y_train if labelled else None)
+        self.test_data = DeviceData(data.x_test, self.device, data.y_test if labelled else None)
         self.params = list(self.model.parameters())
         self.net = self.model
         if info.enabled:
@@ -343,7 +353,7 @@ class _Run:
             n_params = sum(p.numel() for p in self.params)
             self.say(
                 f"fastvae: {m.preset or 'custom'} {m.flat_dim}-{'-'.join(map(str, m.hidden_dims))}-{m.latent_dim} "
-                f"({n_params:,} parameters), backend {self.backend}, device {self.device}, {self.info.world_size} "
+                f"({n_params:,} parameters{_model_kind(m)}), backend {self.backend}, device {self.device}, {self.info.world_size} "
                 f"rank(s), batch {self.cfg.batch_size}, {self.total_steps} steps -> {self.run_dir}"
             )
         self.model.train()
