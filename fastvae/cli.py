@@ -314,17 +314,20 @@ def _score_labels(a: argparse.Namespace, config, n: int):
         if a.labels is not None:
             raise_error("--labels applies to a conditional VAE (trained with --conditional); this one is not")
         return None
-    if a.labels is None:
+    import torch
+
+    from fastvae.data import load_dataset, load_labels
+
+    if a.labels is None and a.data == "mnist":
+        y = load_dataset("mnist").y_test  # the bundled test split's own labels
+    elif a.labels is None:
         raise_error(
             "a conditional VAE scores -log p(x|y): give --labels FILE.npy, one integer label per sample"
         )
-    import torch
-
-    from fastvae.data import load_labels
-
-    y = load_labels(a.labels, n)
+    else:
+        y = load_labels(a.labels, n)
     if y.min() < 0 or y.max() >= config.classes:
-        raise_error(f"{a.labels}: labels must be in 0..{config.classes - 1}, got {y.min()}..{y.max()}")
+        raise_error(f"labels must be in 0..{config.classes - 1}, got {y.min()}..{y.max()}")
     return torch.from_numpy(y)
 
 
