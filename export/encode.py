@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastvae.errors import FastVAEError
-from fastvae.export.runtime import OnnxPart, check_out, read_inputs, write_table
+from fastvae.export.runtime import OnnxPart, check_out, input_labels, read_inputs, write_table
 
 CHUNK_ROWS = 1024  # CPU throughput peaks near here
 
@@ -28,17 +28,19 @@ class Encoder(OnnxPart):
 
     def __init__(self, path, threads: int | None = None) -> None:
         super().__init__(path, threads)
-        self.encode(np.zeros((1, self.in_dim), np.float32))  # warm-up
+        warm = np.zeros(1, np.int64) if self.classes else None
+        self.encode(np.zeros((1, self.in_dim), np.float32), warm)  # warm-up
 
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, logvar) of x (N, D) or (N, *data_shape): uint8 pixels or floats in [0, 1]."""
+    def encode(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, logvar) of x (N, D) or (N, *data_shape): uint8 pixels or floats in [0, 1]; a conditional
+        VAE's encoder also takes the labels ``y`` (N,)."""
         x = self.check_x(x)
+        labels = self.check_y(y, len(x))
         mu = np.empty((len(x), self.latent_dim), np.float32)
         logvar = np.empty_like(mu)
         for i in range(0, len(x), CHUNK_ROWS):
-            mu[i : i + CHUNK_ROWS], logvar[i : i + CHUNK_ROWS] = self.session.run(
-                ["mu", "logvar"], {"x": x[i : i + CHUNK_ROWS]}
-            )
+            feed = {"x": x[i : i + CHUNK_ROWS], **{k: v[i : i + CHUNK_ROWS] for k, v in labels.items()}}
+            mu[i : i + CHUNK_ROWS], logvar[i : i + CHUNK_ROWS] = self.session.run(["mu", "logvar"], feed)
         return mu, logvar
 
 
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("input", help=".npy / .npz file or a folder of PNG images")
     p.add_argument("--out", required=True, help="mu as .npy (N, Z), or .csv with mu and logvar columns")
     p.add_argument("--logvar", help="also save logvar as a .npy array")
+    p.add_argument("--labels", help="conditional VAE: labels, a .npy or the y_test / y of a .npz (default: the "
+                   "input's own, when it is a .npz that has them)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.error = lambda message: (print(f"fastvae: error: {message}", file=sys.stderr), sys.exit(2))  # one line
     a = p.parse_args(argv)
@@ -56,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.logvar:
             check_out(a.logvar, (".npy",))
         enc = Encoder(a.model, threads=a.threads)
-        mu, logvar = enc.encode(read_inputs(a.input))
+        x = read_inputs(a.input)
+        mu, logvar = enc.encode(x, input_labels(enc, a, len(x)))
         if out.suffix.lower() == ".npy":
             write_table(out, {f"mu_{j}": mu[:, j] for j in range(mu.shape[1])})
         else:

@@ -73,8 +73,8 @@ class _ProbDecoder(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.mean_output(self.model.decode(z))
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.mean_output(self.model.decode(z, y))
 
 
 class _Encoder(torch.nn.Module):
@@ -84,8 +84,8 @@ class _Encoder(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(x, y)
 
 
 class _Scorer(torch.nn.Module):
@@ -99,18 +99,22 @@ class _Scorer(torch.nn.Module):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, eps_iw: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None
+    ):
         m = self.model
-        o = m.objective(x, eps, beta=1.0)
+        eps_iw, y = (a, b) if self.k else (None, a)  # eps_iw with an IW bound; the labels y come last
+        rec, kl = m.elbo_terms(x, eps, y)  # the -ELBO at beta = 1, whatever the training objective
+        neg_elbo, kl = rec + kl.sum(-1), kl.sum(-1)
         if not self.k:
-            return o.neg_elbo, o.rec, o.kl
+            return neg_elbo, rec, kl
         b, k, z_dim = eps_iw.shape
-        mu, logvar = m.encode(x)
+        mu, logvar = m.encode(x, y)
         z = m.reparameterize(mu[:, None], logvar[:, None], eps_iw)  # (B, K, Z)
-        out = m.decode(z.reshape(b * k, z_dim))
+        out = m.decode(z.reshape(b * k, z_dim), None if y is None else y.repeat_interleave(k))
         xk = x.flatten(1)[:, None].expand(b, k, x.shape[1]).reshape(b * k, x.shape[1])
         log_lik = -m.reconstruction_nll(xk, out).reshape(b, k)
-        return o.neg_elbo, o.rec, o.kl, iw_nll(iw_log_weights(log_lik, z, eps_iw, logvar[:, None]))
+        return neg_elbo, rec, kl, iw_nll(iw_log_weights(log_lik, z, eps_iw, logvar[:, None]))
 
 
 @dataclass
@@ -224,6 +228,9 @@ def export_part(
         "latent_dim": str(config.latent_dim),
         "data_shape": json.dumps(list(config.data_shape)),
         "likelihood": config.likelihood,
+        "classes": str(config.classes),  # > 0: a conditional VAE; its parts take labels y (B,) int64
+        "objective": config.objective,
+        "k": str(config.k),
         "preset": config.preset or "custom",
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "test_elbo": _fmt(doc.get("final_test_neg_elbo")),
@@ -270,15 +277,22 @@ def _fmt(v: float | None) -> str:
 
 
 def _spec(part: str, model, config, run_dir, k: int) -> _Spec:
+    """A conditional VAE's parts take the labels y (B,) int64 as their last input: the label enters the first
+    encoder / decoder layer as the reference computes it ([h, onehot(y)] [W | W_y]^T, one-hot by comparison
+    in the graph; the C extra columns cost nothing next to D or H). The graph cannot refuse a label out of
+    range (it would decode with no label): the runtimes check labels against the ``classes`` metadata."""
     batch = torch.export.Dim("batch")
     z_dim, d = config.latent_dim, config.flat_dim
+    lab = (torch.tensor([0, config.classes - 1]),) if config.conditional else ()
+    lab_in, lab_dyn = (["y"], ({0: batch},)) if lab else ([], ())
+    y_doc = ", y (B,) int64" if lab else ""
     if part == "decoder":
-        return _Spec(part, _ProbDecoder(model).eval(), (torch.randn(2, z_dim),), ["z"], ["x_prob"],
-                     "fastvae decoder: z (B, Z) -> x_prob (B, D)", ({0: batch},),
+        return _Spec(part, _ProbDecoder(model).eval(), (torch.randn(2, z_dim), *lab), ["z", *lab_in], ["x_prob"],
+                     f"fastvae decoder: z (B, Z){y_doc} -> x_prob (B, D)", ({0: batch}, *lab_dyn),
                      lambda sess: _check_decoder(sess, model, z_dim))  # fmt: skip
     if part == "encoder":
-        return _Spec(part, _Encoder(model).eval(), (torch.rand(2, d),), ["x"], ["mu", "logvar"],
-                     "fastvae encoder: x (B, D) -> mu, logvar (B, Z)", ({0: batch},),
+        return _Spec(part, _Encoder(model).eval(), (torch.rand(2, d), *lab), ["x", *lab_in], ["mu", "logvar"],
+                     f"fastvae encoder: x (B, D){y_doc} -> mu, logvar (B, Z)", ({0: batch}, *lab_dyn),
                      lambda sess: _check_encoder(sess, model, run_dir))  # fmt: skip
     inputs, outputs = ["x", "eps"], ["neg_elbo", "rec", "kl"]
     examples = (torch.rand(2, d), torch.randn(2, z_dim))
@@ -288,7 +302,8 @@ def _spec(part: str, model, config, run_dir, k: int) -> _Spec:
         outputs.append("iw_nll")
         examples += (torch.randn(2, k, z_dim),)
         dynamic += ({0: batch},)
-    desc = "fastvae scorer: x (B, D), eps (B, Z)" + (f", eps_iw (B, {k}, Z)" if k else "")
+    inputs, examples, dynamic = inputs + lab_in, examples + lab, dynamic + lab_dyn
+    desc = "fastvae scorer: x (B, D), eps (B, Z)" + (f", eps_iw (B, {k}, Z)" if k else "") + y_doc
     desc += " -> neg_elbo, rec, kl" + (f", iw_nll (k={k})" if k else "") + " (B,), nats"
     return _Spec(part, _Scorer(model, k).eval(), examples, inputs, outputs, desc, dynamic,
                  lambda sess: _check_scorer(sess, model, run_dir, k))  # fmt: skip
@@ -361,14 +376,23 @@ def _compare(got: np.ndarray, ref: np.ndarray, name: str, batch: int, rel: bool)
     return worst
 
 
+def check_labels(model, b: int, g: torch.Generator) -> tuple[torch.Tensor | None, dict[str, np.ndarray]]:
+    """Random labels for a check of a conditional VAE's part (None and no feed for an unconditional one)."""
+    if not model.config.conditional:
+        return None, {}
+    y = torch.randint(0, model.config.classes, (b,), generator=g)
+    return y, {"y": y.numpy()}
+
+
 def _check_decoder(sess, model, latent_dim: int) -> float:
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for b in CHECK_BATCHES:
         z = torch.randn(b, latent_dim, generator=g)
+        y, feed = check_labels(model, b, g)
         with torch.inference_mode():
-            ref = _ProbDecoder(model)(z).double().numpy()
-        got = sess.run(["x_prob"], {"z": z.numpy()})[0]
+            ref = _ProbDecoder(model)(z, y).double().numpy()
+        got = sess.run(["x_prob"], {"z": z.numpy(), **feed})[0]
         worst = max(worst, _compare(got, ref, "x_prob", b, rel=False))
     return worst
 
@@ -384,12 +408,14 @@ def _test_rows(run_dir, n: int):
 
 def _check_encoder(sess, model, run_dir) -> float:
     _, x_all, _ = _test_rows(run_dir, max(CHECK_BATCHES))
+    gen = torch.Generator().manual_seed(1)
     worst = 0.0
     for b in CHECK_BATCHES:
         x = x_all[:b]
+        y, feed = check_labels(model, b, gen)
         with torch.inference_mode():
-            ref = [t.double().numpy() for t in model.encode(x)]
-        got = sess.run(["mu", "logvar"], {"x": x.numpy()})
+            ref = [t.double().numpy() for t in model.encode(x, y)]
+        got = sess.run(["mu", "logvar"], {"x": x.numpy(), **feed})
         for name, g, r in zip(("mu", "logvar"), got, ref):
             worst = max(worst, _compare(g, r, name, b, rel=True))
     return worst
@@ -411,15 +437,17 @@ def _check_scorer(sess, model, run_dir, k: int) -> float:
     from fastvae.evaluate import elbo_terms_by_row, iw_bound_by_row
 
     run, x_all, rows_all = _test_rows(run_dir, max(CHECK_BATCHES))
+    gen = torch.Generator().manual_seed(2)
     worst = 0.0
     for b in CHECK_BATCHES:
         x, rows = x_all[:b], rows_all[:b]
-        o = elbo_terms_by_row(model, x, rows, run.seed)
+        y, feed = check_labels(model, b, gen)
+        o = elbo_terms_by_row(model, x, rows, run.seed, y)
         refs = {"neg_elbo": o.neg_elbo, "rec": o.rec, "kl": o.kl}
         if k:
-            refs["iw_nll"] = iw_bound_by_row(model, x, rows, k, run.seed)
+            refs["iw_nll"] = iw_bound_by_row(model, x, rows, k, run.seed, y)
         got = sess.run(
-            list(refs), {"x": x.numpy(), **scorer_noise(run.seed, rows, model.config.latent_dim, k)}
+            list(refs), {"x": x.numpy(), **scorer_noise(run.seed, rows, model.config.latent_dim, k), **feed}
         )
         for (name, ref), g in zip(refs.items(), got):
             worst = max(worst, _compare(g, ref.double().numpy(), name, b, rel=True))
@@ -435,18 +463,22 @@ def _set_metadata(path: Path, meta: dict[str, str], doc: str) -> None:
     onnx.save(model, str(path))
 
 
-def _decoder_elbo(probs_fn, model, x: torch.Tensor, eps: torch.Tensor) -> float:
-    """Mean -ELBO of ``model`` (its own objective) with the decoder swapped for ``probs_fn``, a function
-    z -> probabilities (numpy), read as the logits of those probabilities clipped to [1e-7, 1 - 1e-7]."""
+def _decoder_elbo(
+    probs_fn, model, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
+) -> float:
+    """Mean -ELBO of ``model`` (its own ``elbo_terms``; labels ``y`` for a conditional VAE) with the decoder
+    swapped for ``probs_fn``, a function (z, y) -> probabilities (numpy), read as the logits of those
+    probabilities clipped to [1e-7, 1 - 1e-7]."""
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        p = torch.from_numpy(probs_fn(z.float().numpy())).double().clamp(PROB_CLIP, 1 - PROB_CLIP)
+    def decode(z: torch.Tensor, yb: torch.Tensor | None = None) -> torch.Tensor:
+        p = torch.from_numpy(probs_fn(z.float().numpy(), yb)).double().clamp(PROB_CLIP, 1 - PROB_CLIP)
         return torch.log(p) - torch.log1p(-p)
 
     swapped = copy.deepcopy(model).double()  # the encoder in float64; only ``decode`` differs
     swapped.decode = decode
     with torch.inference_mode():
-        return float(swapped.objective(x.double(), eps.double(), beta=1.0).neg_elbo.mean())
+        rec, kl = swapped.elbo_terms(x.double(), eps.double(), y)
+        return float((rec + kl.sum(-1)).mean())
 
 
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, *, reduce_range: bool) -> None:
@@ -498,21 +530,35 @@ def _quantize(path: Path, spec: _Spec, model, run_dir, config, reduce_range: boo
         run = load_run(run_dir, "cpu")
         x = run.test_images(0, INT8_EVAL_SAMPLES).float().flatten(1)  # as the run evaluates them
         rows = torch.arange(len(x))
+        y = run.test_labels(0, len(x))  # a conditional VAE's test labels, else None
+        labels = {"y": y.numpy()} if y is not None else {}
         if spec.part == "decoder":
-            run32 = lambda z: s32.run(["x_prob"], {"z": z.astype(np.float32)})[0]  # noqa: E731
-            run8 = lambda z: s8.run(["x_prob"], {"z": z.astype(np.float32)})[0]  # noqa: E731
+
+            def feeds(z, yb):
+                return {"z": z.astype(np.float32), **({"y": yb.numpy()} if yb is not None else {})}
+
+            run32 = lambda z, yb=None: s32.run(["x_prob"], feeds(z, yb))[0]  # noqa: E731
+            run8 = lambda z, yb=None: s8.run(["x_prob"], feeds(z, yb))[0]  # noqa: E731
             z = np.random.default_rng(0).standard_normal((1024, config.latent_dim)).astype(np.float32)
-            err = np.abs(run8(z) - run32(z))
+            yz = check_labels(model, 1024, torch.Generator().manual_seed(3))[0]
+            err = np.abs(run8(z, yz) - run32(z, yz))
             eps = torch.from_numpy(np.random.default_rng(1).standard_normal((len(x), config.latent_dim)))
-            change = _decoder_elbo(run8, model, x, eps) - _decoder_elbo(run32, model, x, eps)
+            change = _decoder_elbo(run8, model, x, eps, y) - _decoder_elbo(run32, model, x, eps, y)
             errors = {"int8_max_prob_error": err.max(), "int8_mean_prob_error": err.mean()}
         elif spec.part == "encoder":
-            a, b = s32.run(["mu"], {"x": x.numpy()})[0], s8.run(["mu"], {"x": x.numpy()})[0]
+            a, b = (
+                s32.run(["mu"], {"x": x.numpy(), **labels})[0],
+                s8.run(["mu"], {"x": x.numpy(), **labels})[0],
+            )
             err = np.abs(a - b)
             change = None
             errors = {"int8_max_mu_error": err.max(), "int8_mean_mu_error": err.mean()}
         else:
-            feeds = {"x": x.numpy(), **scorer_noise(run.seed, rows, config.latent_dim, spec.module.k)}
+            feeds = {
+                "x": x.numpy(),
+                **scorer_noise(run.seed, rows, config.latent_dim, spec.module.k),
+                **labels,
+            }
             if spec.module.k:  # the IW part in chunks, to bound memory
                 a = np.concatenate([s32.run(None, _rows(feeds, i, 256))[0] for i in range(0, len(x), 256)])
                 b = np.concatenate([s8.run(None, _rows(feeds, i, 256))[0] for i in range(0, len(x), 256)])

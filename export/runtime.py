@@ -89,6 +89,7 @@ class OnnxPart:
         self.metadata = meta
         self.threads = opts.intra_op_num_threads
         self.latent_dim, self.data_shape = _sizes(path, meta)
+        self.classes = _classes(path, meta)
         self.in_dim = int(np.prod(self.data_shape))
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._check_graph()
@@ -98,8 +99,15 @@ class OnnxPart:
         ``data_shape`` would otherwise fail deep inside onnxruntime, or draw the wrong images."""
         first_in = self.latent_dim if self.part == "decoder" else self.in_dim
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        if not ins or len(ins) > 3:
-            raise FastVAEError(f"{self.path}: expected 1 to 3 graph inputs, found {len(ins)}")
+        if not ins or len(ins) > 4:
+            raise FastVAEError(f"{self.path}: expected 1 to 4 graph inputs, found {len(ins)}")
+        if (ins[-1].name == "y") != (self.classes > 0):
+            want = "takes labels y" if self.classes else "takes no labels"
+            raise FastVAEError(f"{self.path}: the metadata says classes={self.classes}, so the graph {want}")
+        if self.classes:
+            if ins[-1].type != "tensor(int64)":
+                raise FastVAEError(f"{self.path}: graph 'y' is {ins[-1].type}, expected tensor(int64)")
+            ins = ins[:-1]
         for arg in (*ins, *outs):
             if arg.type != "tensor(float)":
                 raise FastVAEError(f"{self.path}: graph {arg.name!r} is {arg.type}, expected tensor(float)")
@@ -135,6 +143,24 @@ class OnnxPart:
             )
         return x
 
+    def check_y(self, y: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+        """The labels feed of a conditional VAE's part for n rows: y (n,) integers in 0..C-1, checked (the
+        graph itself cannot refuse a label out of range); {} for an unconditional one, which takes none."""
+        if not self.classes:
+            if y is not None:
+                raise FastVAEError("labels apply to a conditional VAE; this model takes none")
+            return {}
+        if y is None:
+            raise FastVAEError(f"a conditional VAE needs labels y in 0..{self.classes - 1}, one per row")
+        y = np.asarray(y)
+        if y.shape != (n,) or not (
+            np.issubdtype(y.dtype, np.integer) or (y.size and (y == np.round(y)).all())
+        ):
+            raise FastVAEError(f"labels must be {n} integers, got {y.dtype} {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= self.classes):
+            raise FastVAEError(f"labels must be in 0..{self.classes - 1}, got {y.min()}..{y.max()}")
+        return {"y": np.ascontiguousarray(y, dtype=np.int64)}
+
 
 MAX_THREADS = 1024
 MAX_WIDTH = 1 << 26  # features or latents per sample: 64 M, beyond any model worth exporting
@@ -151,6 +177,43 @@ def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
     if not 0 < latent <= MAX_WIDTH or not ok_shape or int(np.prod(shape, dtype=np.float64)) > MAX_WIDTH:
         raise FastVAEError(f"{path}: implausible metadata latent_dim={latent!r:.20} data_shape={shape!r:.40}")
     return latent, shape
+
+
+def _classes(path: Path, meta: dict[str, str]) -> int:
+    """The ``classes`` metadata (0 when absent: exports from before conditional models), checked."""
+    try:
+        classes = int(meta.get("classes", "0"))
+    except ValueError:
+        raise FastVAEError(f"{path}: malformed classes metadata") from None
+    if not 0 <= classes <= MAX_WIDTH:
+        raise FastVAEError(f"{path}: implausible metadata classes={classes}")
+    return classes
+
+
+def read_labels(path: str | os.PathLike, n: int) -> np.ndarray:
+    """n labels from a .npy, or the y_test / y array of a .npz (the labels of ``read_inputs``'s rows)."""
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            key = next((k for k in ("y_test", "y") if k in f), None)
+            if key is None:
+                raise FastVAEError(f"{path}: no labels array y_test or y (found {', '.join(f.keys())})")
+            y = f[key]
+    else:
+        y = read_inputs(path)
+    if y.ndim != 1 or len(y) != n:
+        raise FastVAEError(f"{path}: expected {n} labels in a 1-D array, got shape {y.shape}")
+    return y
+
+
+def input_labels(part: OnnxPart, a, n: int) -> np.ndarray | None:
+    """The labels a command line gives a conditional VAE's part: ``--labels``, else the input .npz's own
+    y_test / y; None for an unconditional part (``check_y`` refuses labels given to it)."""
+    if a.labels:
+        return read_labels(a.labels, n)
+    if part.classes and str(a.input).endswith(".npz"):
+        return read_labels(a.input, n)
+    return None
 
 
 def read_inputs(path: str | os.PathLike) -> np.ndarray:

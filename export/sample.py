@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
+from fastvae.config import SAMPLE_ROWS
 from fastvae.errors import FastVAEError
 from fastvae.export.runtime import OnnxPart
 from fastvae.limits import available_bytes
@@ -52,9 +53,27 @@ class Sampler(OnnxPart):
         self._io = self.session.io_binding()
         self._bindings: dict[int, tuple] = {}
         self.rng = np.random.default_rng(_seed(seed))  # used by sample() calls that give no seed
-        self._run(np.zeros((1, self.latent_dim), dtype=np.float32))  # warm-up
+        warm = np.zeros(1, np.int64) if self.classes else None
+        self._run(np.zeros((1, self.latent_dim), dtype=np.float32), warm)  # warm-up
 
-    def _run(self, z: np.ndarray) -> np.ndarray:
+    def labels(self, n: int, label: int | None = None) -> np.ndarray | None:
+        """Labels for n samples of a conditional VAE: ``label`` for all, or row r of a SAMPLE_ROWS-wide grid
+        showing label r % C; None for an unconditional decoder (which refuses a ``label``)."""
+        if not self.classes:
+            if label is not None:
+                raise FastVAEError("--label applies to a conditional VAE's decoder; this one takes no labels")
+            return None
+        if label is not None:
+            if (
+                isinstance(label, bool)
+                or not isinstance(label, (int, np.integer))
+                or not 0 <= label < self.classes
+            ):
+                raise FastVAEError(f"label must be an integer in 0..{self.classes - 1}, got {label!r:.40}")
+            return np.full(n, label, dtype=np.int64)
+        return (np.arange(n, dtype=np.int64) // SAMPLE_ROWS) % self.classes
+
+    def _run(self, z: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """Decode a checked, contiguous float32 z (N, Z) in chunks of CHUNK_ROWS, through IO binding.
 
         Chunks of at least SMALL_CHUNK rows are bound straight to their rows of the result (no copy; the
@@ -68,42 +87,59 @@ class Sampler(OnnxPart):
             if len(zc) >= SMALL_CHUNK:
                 io = self._io
                 io.bind_cpu_input(self._input, zc)
+                if y is not None:
+                    io.bind_cpu_input("y", y[i : i + CHUNK_ROWS])
                 io.bind_output(self._output, "cpu", 0, np.float32, list(oc.shape), oc.ctypes.data)
                 self.session.run_with_iobinding(io)
             else:
-                io, zbuf, obuf = self._bound(len(zc))
+                io, zbuf, ybuf, obuf = self._bound(len(zc))
                 np.copyto(zbuf, zc)
+                if y is not None:
+                    np.copyto(ybuf, y[i : i + CHUNK_ROWS])
                 self.session.run_with_iobinding(io)
                 np.copyto(oc, obuf)
         return out
 
     def _bound(self, rows: int):
-        """(binding, z buffer, output buffer) for calls of ``rows`` rows, created once per size."""
+        """(binding, z buffer, y buffer or None, output buffer) for calls of ``rows`` rows, created once per
+        size."""
         entry = self._bindings.get(rows)
         if entry is None:
             if len(self._bindings) >= 16:
                 self._bindings.clear()
             zbuf = np.empty((rows, self.latent_dim), dtype=np.float32)
+            ybuf = np.zeros(rows, dtype=np.int64) if self.classes else None
             obuf = np.empty((rows, self.out_dim), dtype=np.float32)
             io = self.session.io_binding()
             io.bind_cpu_input(self._input, zbuf)
+            if ybuf is not None:
+                io.bind_cpu_input("y", ybuf)
             io.bind_output(self._output, "cpu", 0, np.float32, [rows, self.out_dim], obuf.ctypes.data)
-            entry = self._bindings[rows] = (io, zbuf, obuf)
+            entry = self._bindings[rows] = (io, zbuf, ybuf, obuf)
         return entry
 
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """E[x|z] for z (N, Z): probabilities (Bernoulli) or means (Gaussian), (N, D) float32."""
+    def decode(self, z: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """E[x|z] (E[x|z, y] for a conditional VAE, labels ``y`` (N,)) for z (N, Z): probabilities
+        (Bernoulli) or means (Gaussian), (N, D) float32."""
         z = np.asarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise FastVAEError(f"z must have shape (N, {self.latent_dim}), got {z.shape}")
         if not np.isfinite(z).all():
             raise FastVAEError("z holds NaN or infinite values")
-        return self._run(np.ascontiguousarray(z))
+        labels = self.check_y(y, len(z)).get("y")
+        return self._run(np.ascontiguousarray(z), labels)
 
     def sample(
-        self, n: int, seed: int | None = None, *, temperature: float = 1.0, bernoulli: bool = False
+        self,
+        n: int,
+        seed: int | None = None,
+        *,
+        temperature: float = 1.0,
+        bernoulli: bool = False,
+        label: int | None = None,
     ) -> np.ndarray:
         """n samples from z ~ N(0, temperature^2 I); with ``bernoulli`` the pixels themselves are drawn.
+        A conditional VAE's samples have ``label``, or row r of a 10-wide grid shows label r % C.
 
         A ``seed`` gives a fresh generator for this call (same seed, same samples); without one the
         sampler's own generator continues its stream.
@@ -116,19 +152,22 @@ class Sampler(OnnxPart):
             )
         if 8 * n * self.out_dim > available_bytes():
             raise FastVAEError(f"{n:,} samples of {self.out_dim:,} values do not fit in memory; draw fewer")
+        y = self.labels(int(n), label)
         rng = self.rng if seed is None else np.random.default_rng(_seed(seed))
         if n < SMALL_CHUNK:  # small call: z is drawn straight into the bound input buffer
-            io, z, obuf = self._bound(int(n))
+            io, z, ybuf, obuf = self._bound(int(n))
             rng.standard_normal(dtype=np.float32, out=z)
             if temperature != 1.0:
                 z *= np.float32(temperature)
+            if y is not None:
+                np.copyto(ybuf, y)
             self.session.run_with_iobinding(io)
             x = obuf.copy()
         else:
             z = rng.standard_normal((int(n), self.latent_dim), dtype=np.float32)
             if temperature != 1.0:
                 z *= np.float32(temperature)
-            x = self._run(z)
+            x = self._run(z, y)
         if bernoulli:
             if self.likelihood != "bernoulli":
                 raise FastVAEError("pixel sampling needs a Bernoulli decoder")
@@ -149,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--bernoulli", action="store_true", help="draw binary pixels instead of probabilities")
+    p.add_argument("--label", type=int, default=None,
+                   help="conditional VAE: samples of this label (default: row r of the grid shows label r %% C)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--out", help="PNG grid to write")
     p.add_argument("--npy", help="also save the samples as a .npy array")
@@ -161,11 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if target:
                 check_writable(target)
         sampler = Sampler(a.model, threads=a.threads)
-        x = sampler.sample(a.n, a.seed, temperature=a.temperature, bernoulli=a.bernoulli)
+        x = sampler.sample(a.n, a.seed, temperature=a.temperature, bernoulli=a.bernoulli, label=a.label)
         if not np.isfinite(x).all():
             raise FastVAEError(f"temperature {a.temperature:g} gives non-finite samples; use a smaller one")
         if a.out:
-            sampler.save_grid(x, a.out)
+            sampler.save_grid(x, a.out, SAMPLE_ROWS if sampler.classes and a.label is None else None)
         if a.npy:
             buf = io.BytesIO()
             np.save(buf, x)

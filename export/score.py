@@ -20,7 +20,7 @@ import numpy as np
 
 from fastvae.errors import FastVAEError
 from fastvae.export import keyed_noise
-from fastvae.export.runtime import OnnxPart, check_out, read_inputs, write_table
+from fastvae.export.runtime import OnnxPart, check_out, input_labels, read_inputs, write_table
 
 DECODED_ROWS = 16384  # rows x draws per call: the IW scorer decodes K rows per input row
 
@@ -35,7 +35,8 @@ class Scorer(OnnxPart):
         self.k = int(self.metadata.get("iw_k", "0"))
         self.seed = int(self.metadata.get("eval_seed", "0"))
         self.chunk = max(1, min(1024, DECODED_ROWS // max(self.k, 1)))
-        self.score(np.zeros((1, self.in_dim), np.float32))  # warm-up
+        warm = np.zeros(1, np.int64) if self.classes else None
+        self.score(np.zeros((1, self.in_dim), np.float32), y=warm)  # warm-up
 
     def noise(self, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         """The noise inputs for input rows ``rows`` (their indices)."""
@@ -44,11 +45,15 @@ class Scorer(OnnxPart):
             feeds["eps_iw"] = keyed_noise.iw_eps(seed, rows, self.k, self.latent_dim)
         return feeds
 
-    def score(self, x: np.ndarray, seed: int | None = None, *, row_offset: int = 0) -> dict[str, np.ndarray]:
+    def score(
+        self, x: np.ndarray, seed: int | None = None, *, row_offset: int = 0, y: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Scores of x (N, D) or (N, *data_shape) (uint8 pixels or floats in [0, 1]): ``neg_elbo``,
         ``rec``, ``kl`` and, for an IW scorer, ``iw_nll``, each (N,). Row i draws the noise keyed by
-        (seed, row_offset + i); ``seed`` defaults to the run's."""
+        (seed, row_offset + i); ``seed`` defaults to the run's. A conditional VAE's scorer takes the labels
+        ``y`` (N,) and bounds -log p(x|y)."""
         x = self.check_x(x)
+        labels = self.check_y(y, len(x))
         seed = self.seed if seed is None else int(seed)
         if row_offset < 0:
             raise FastVAEError(f"row_offset must be >= 0, got {row_offset}")
@@ -57,7 +62,11 @@ class Scorer(OnnxPart):
             xc = x[i : i + self.chunk]
             rows = np.arange(row_offset + i, row_offset + i + len(xc), dtype=np.int64)
             for name, v in zip(
-                self.outputs, self.session.run(self.outputs, {"x": xc, **self.noise(rows, seed)})
+                self.outputs,
+                self.session.run(
+                    self.outputs,
+                    {"x": xc, **self.noise(rows, seed), **{k: v[i : i + len(xc)] for k, v in labels.items()}},
+                ),
             ):
                 out[name][i : i + len(xc)] = v
         return out
@@ -69,13 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("input", help=".npy / .npz file or a folder of PNG images")
     p.add_argument("--out", required=True, help=".csv (index and one column per score) or .npy (N, scores)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's)")
+    p.add_argument("--labels", help="conditional VAE: labels, a .npy or the y_test / y of a .npz (default: the "
+                   "input's own, when it is a .npz that has them)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.error = lambda message: (print(f"fastvae: error: {message}", file=sys.stderr), sys.exit(2))  # one line
     a = p.parse_args(argv)
     try:
         out = check_out(a.out, (".csv", ".npy"))
         scorer = Scorer(a.model, threads=a.threads)
-        scores = scorer.score(read_inputs(a.input), a.seed)
+        x = read_inputs(a.input)
+        scores = scorer.score(x, a.seed, y=input_labels(scorer, a, len(x)))
         write_table(out, scores)
     except FastVAEError as exc:
         print(f"fastvae: error: {exc}", file=sys.stderr)

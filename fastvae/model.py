@@ -103,7 +103,7 @@ class ReferenceVAE(nn.Module):
             if y is not None:
                 raise FastVAEError("labels were given to an unconditional model")
             return layer(h)
-        onehot = self.onehot(y, len(h)).to(h.dtype)  # (B, C)
+        onehot = self.onehot(y, h.shape[0]).to(h.dtype)  # (B, C); shape[0], not len(): stays symbolic in an export
         weight = torch.cat([layer.weight, getattr(self, label).weight], 1)  # (H, D + C)
         return F.linear(torch.cat([h, onehot], 1), weight, layer.bias)
 
@@ -114,8 +114,10 @@ class ReferenceVAE(nn.Module):
             raise FastVAEError(f"a conditional model needs labels y in 0..{c - 1}")
         if y.shape != (rows,) or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise FastVAEError(f"labels must be {rows} integers, got {tuple(y.shape)} {y.dtype}")
-        # range check is a host sync: skipped inside a CUDA-graph capture (the data loader checked them)
-        if rows and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # the range check is a host sync: skipped inside a CUDA-graph capture and while tracing an export
+        # (the data loader, and the ONNX runtime's callers, check the labels themselves)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if rows and not tracing and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= c:
                 raise FastVAEError(f"labels must be in 0..{c - 1}, got {lo}..{hi}")

@@ -10,12 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastvae.config import SAMPLE_ROWS
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats, elbo_terms_by_row, iw_bound_by_row
 from fastvae.noise import keyed_generator
-
-# A conditional VAE's sample grids have this many images per row, each row one label.
-SAMPLE_ROWS = 10
 
 
 def _device(model: torch.nn.Module) -> torch.device:

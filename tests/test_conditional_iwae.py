@@ -1,0 +1,229 @@
+"""The conditional VAE and the K-sample objectives outside the kernels (issue 16): the reference objective
+against torch.distributions, configs, keyed training noise, training with resume and DDP, evaluation,
+and the command line."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastvae import ReferenceVAE, VAEConfig
+from fastvae.config import TrainConfig
+from fastvae.errors import FastVAEError
+from fastvae.trainer import train
+
+D = torch.distributions
+CFG = VAEConfig(input_dim=12, hidden_dims=(7, 5), latent_dim=3, activation="tanh")
+
+
+def _by_hand(model, x, y, eps, beta):
+    """The objective row by row from torch.distributions: the IWAE bound or the mean of K ELBOs."""
+    cfg = model.config
+    out = []
+    for i in range(len(x)):
+        yi = None if y is None else y[i : i + 1]
+        mu, logvar = model.encode(x[i : i + 1], yi)
+        q = D.Normal(mu[0], torch.exp(0.5 * logvar[0]))
+        terms = []
+        for j in range(cfg.k):
+            z = mu[0] + q.stddev * eps[i, j]
+            log_px = D.Bernoulli(logits=model.decode(z[None], yi)[0]).log_prob(x[i]).sum()
+            if cfg.objective == "iwae":
+                terms.append(log_px - beta * (q.log_prob(z).sum() - D.Normal(0.0, 1.0).log_prob(z).sum()))
+            else:
+                terms.append(-log_px + beta * D.kl_divergence(q, D.Normal(0.0, 1.0)).sum())
+        t = torch.stack(terms)
+        out.append(-(torch.logsumexp(t, 0) - math.log(cfg.k)) if cfg.objective == "iwae" else t.mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(objective="iwae", k=4),
+        dict(k=3),
+        dict(classes=3),
+        dict(classes=4, objective="iwae", k=2, beta=0.5),
+    ],
+    ids=["iwae-k4", "elbo-k3", "conditional", "conditional-iwae"],
+)
+def test_reference_objective_equals_torch_distributions(changes):
+    torch.manual_seed(0)
+    cfg = CFG.replace(**changes)
+    model = ReferenceVAE(cfg).double()
+    x = torch.rand(5, 12, dtype=torch.float64).round()
+    y = torch.randint(0, cfg.classes, (5,)) if cfg.conditional else None
+    eps = torch.randn(5, cfg.k, 3, dtype=torch.float64)
+    got = model.objective(x, eps if cfg.k > 1 or cfg.objective == "iwae" else eps[:, 0], y=y).loss
+    torch.testing.assert_close(got, _by_hand(model, x, y, eps, cfg.beta), rtol=1e-10, atol=1e-10)
+
+
+def test_the_conditional_model_is_a_concatenation():
+    """[x, onehot(y)] @ [W | W_y]^T + b: a label changes the first layers by the label weight's column."""
+    torch.manual_seed(1)
+    model = ReferenceVAE(CFG.replace(classes=4)).double()
+    x = torch.rand(3, 12, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])
+    mu, _ = model.encode(x, y)
+    pre = x @ model.encoder[0].weight.T + model.encoder[0].bias + model.encoder_label.weight.T[y]
+    h = torch.tanh(model.encoder[1](torch.tanh(pre)))
+    torch.testing.assert_close(mu, model.head(h)[:, :3])
+    assert CFG.replace(classes=4).n_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_configs_validate_the_new_options():
+    with pytest.raises(FastVAEError, match="objective must be one of"):
+        VAEConfig(objective="vae")
+    with pytest.raises(FastVAEError, match="k must be"):
+        VAEConfig(k=0)
+    with pytest.raises(FastVAEError, match="autoencoder"):
+        VAEConfig(model="ae", k=2)
+    with pytest.raises(FastVAEError, match="free bits"):
+        TrainConfig(preset="iwae-k5", free_bits=0.1)
+    cfg = TrainConfig(preset="iwae", objective="iwae", k=7, conditional=True)
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.model_config(classes=10).classes == 10
+    assert (again.model_config().objective, again.model_config().k) == ("iwae", 7)
+    assert TrainConfig(preset="iwae-k50").model_config().k == 50
+
+
+def test_k_sample_training_noise_extends_the_one_sample_draw():
+    from fastvae.schedules import step_noise
+
+    ids = torch.tensor([3, 10, 11])
+    x = torch.rand(3, 5)
+    _, one = step_noise(7, ids, x, 4, False)
+    _, many = step_noise(7, ids, x, 4, False, k=3)
+    assert many.shape == (3, 3, 4) and torch.equal(many[:, 0], one)
+    assert not torch.equal(many[:, 1], many[:, 2])
+
+
+@pytest.fixture(scope="module")
+def labelled_npz(tmp_path_factory):
+    """Strokes whose label is their orientation (0: horizontal, 1: vertical, 2: both)."""
+    rng = np.random.default_rng(0)
+    n = 400
+    x = np.zeros((n, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 3, n)
+    for i in range(n):
+        r, c = rng.integers(1, 7, size=2)
+        if y[i] != 1:
+            x[i, r - 1 : r + 2, :] = 1
+        if y[i] != 0:
+            x[i, :, c - 1 : c + 2] = 1
+    x = (x * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("labelled") / "strokes.npz"
+    np.savez(path, x_train=x[:320], x_test=x[320:], y_train=y[:320], y_test=y[320:])
+    return path
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=str(data), preset="iwae", hidden_dims=(16,), latent_dim=3, batch_size=32, device="cpu",
+                progress=False, out=str(tmp_path / "run"), conditional=True, objective="iwae", k=3, lr=3e-3)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_conditional_iwae_training_resumes_exactly(tmp_path, labelled_npz):
+    """3 epochs straight against 2 + a resumed third: the same weights, bit for bit."""
+    straight = train(_cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "a")))
+    assert (
+        straight.model.config.classes == 3
+        and straight.metrics[-1]["test_objective"] < straight.metrics[0]["test_objective"]
+    )
+    train(_cfg(tmp_path, labelled_npz, epochs=2, out=str(tmp_path / "b")))
+    resumed = train(_cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "b"), resume=True))
+    assert resumed.step == straight.step
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert set(a) >= {"encoder_label.weight", "decoder_label.weight"}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_another_objective_is_refused(tmp_path, labelled_npz):
+    train(_cfg(tmp_path, labelled_npz, epochs=1, max_steps=3))
+    with pytest.raises(FastVAEError, match="different model config"):
+        train(_cfg(tmp_path, labelled_npz, epochs=1, k=4, resume=True))
+
+
+def test_conditional_needs_labels(tmp_path, tiny_npz):
+    with pytest.raises(FastVAEError, match="no labels"):
+        train(_cfg(tmp_path, tiny_npz, epochs=1))
+
+
+def test_conditional_evaluation_is_batch_invariant(tmp_path, labelled_npz):
+    from fastvae.evaluate import elbo_stats, importance_weighted_nll
+    from fastvae.runs import load_run
+
+    train(_cfg(tmp_path, labelled_npz, epochs=1, max_steps=4))
+    run = load_run(tmp_path / "run")
+    assert run.test.y is not None
+    a = elbo_stats(run.model, run.test, seed=1, batch_size=80)
+    b = elbo_stats(run.model, run.test, seed=1, batch_size=7)
+    assert (a.neg_elbo, a.objective) == (b.neg_elbo, b.objective)
+    assert importance_weighted_nll(run.model, run.test, 20, batch_size=80) == importance_weighted_nll(
+        run.model, run.test, 20, batch_size=9
+    )
+    # the labels matter: the same images scored under shifted labels give another bound
+    shifted = load_run(tmp_path / "run")
+    shifted.test.y = (shifted.test.y + 1) % 3
+    assert elbo_stats(shifted.model, shifted.test, seed=1).neg_elbo != a.neg_elbo
+
+
+def _cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, labelled_npz):
+    out = tmp_path_factory.mktemp("cvae") / "run"
+    rc, _, err = _cli("train", "--data", labelled_npz, "--preset", "iwae-k5", "--conditional", "--hidden-dims",
+                      "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "5", "--device", "cpu",
+                      "--quiet", "--out", out)  # fmt: skip
+    assert rc == 0, err
+    return out
+
+
+def test_cli_label_commands(cli_run, tmp_path):
+    rc, out, err = _cli("sample", cli_run, "-n", 6, "--label", 2, "--out", tmp_path / "s.png")
+    assert rc == 0 and "of label 2" in out, err
+    rc, out, err = _cli("sample", cli_run, "-n", 30, "--out", tmp_path / "grid.png")
+    assert rc == 0 and "row r: label r % C" in out, err
+    rc, _, err = _cli("manifold", cli_run, "-n", 3, "--label", 1, "--out", tmp_path / "m.png")
+    assert rc == 0, err
+    rc, _, err = _cli("interpolate", cli_run, "--a", 0, "--b", 1, "--label", 0, "--out", tmp_path / "i.png")
+    assert rc == 0, err
+    rc, out, err = _cli("eval", cli_run, "--iw", 5, "--json")
+    assert rc == 0 and '"conditional": true' in out and '"objective": "iwae"' in out, err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("sample", "{run}", "--label", "3", "--out", "x.png"), "--label must be in 0..2"),
+        (("manifold", "{run}", "-n", "3", "--out", "x.png"), "give --label"),
+        (("quality", "{run}"), "not defined for a conditional VAE"),
+        (("train", "--data", "{tiny}", "--conditional", "--max-steps", "1", "--out", "t"), "no labels"),
+        (("train", "--preset", "iwae-k5", "--free-bits", "0.5", "--out", "t"), "free bits"),
+        (("train", "--k", "0", "--out", "t"), "--k"),
+    ],
+)
+def test_cli_bad_input_gives_one_line(cli_run, tiny_npz, tmp_path, args, fragment):
+    args = [a.format(run=cli_run, tiny=tiny_npz) for a in args]
+    rc, _, err = _cli(*args, cwd=tmp_path)
+    assert rc != 0 and fragment in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_label_on_an_unconditional_run_is_refused(tmp_path, tiny_npz):
+    out = tmp_path / "plain"
+    rc, _, err = _cli("train", "--data", tiny_npz, "--hidden-dims", "8", "--latent-dim", "2", "--max-steps", "2",
+                      "--device", "cpu", "--quiet", "--out", out)  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _cli("sample", out, "--label", 1, "--out", tmp_path / "s.png")
+    assert rc != 0 and "applies to a conditional VAE" in err and "Traceback" not in err
