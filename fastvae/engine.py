@@ -89,6 +89,8 @@ class TrainStep:
         # The autograd step reads the data as float once (MNIST: 188 MB): a batch is one gather, not
         # gather + convert + scale. The fused step reads the uint8 data itself.
         self.x = data.batch(torch.arange(len(data), device=dev)) if self._fused is None else None
+        # a conditional model's labels (N,), resident: the step gathers them by the same index as x
+        self.y = data.y if model.config.conditional else None
 
     def _fused_step(self, data: DeviceData):
         """Flat parameters and Adam state shared with the model and the optimizer, and the fused step."""
@@ -182,21 +184,22 @@ class TrainStep:
         idx = torch.index_select(self.batches, 0, self.cursor).view(-1)  # (B,)
         x = torch.index_select(self.x, 0, idx)  # (B, D) float in [0, 1]
         ids = self.epoch_base + idx  # (B,) schedules.sample_ids: epoch * N + data index
-        model = self.model
+        y = None if self.y is None else torch.index_select(self.y, 0, idx)  # (B,) labels, conditional only
+        model, cfg = self.model, self.model.config
         if isinstance(model, FusedVAE) and model.can_fuse(x, self.free_bits) is None:
             if self.binarize:
                 x = binarize_rows(x, self.seed, TRAIN_BINARIZE_SALT, ids)
             x = x.to(torch.bfloat16 if self.dtype == "bf16" else torch.float32)
-            loss = model.fused_terms(x, beta=self.beta)[0]  # eps drawn in-kernel
+            loss = model.fused_terms(x, y=y, beta=self.beta)[0]  # eps drawn in-kernel
         else:
-            x, eps = step_noise(self.seed, ids, x, model.config.latent_dim, self.binarize)
+            x, eps = step_noise(self.seed, ids, x, cfg.latent_dim, self.binarize, cfg.k)  # eps (B[, K], Z)
             ctx = (
                 torch.autocast(self.device.type, dtype=torch.bfloat16)
                 if self.dtype == "bf16"
                 else nullcontext()
             )
             with ctx:
-                loss = model.objective(x, eps, beta=self.beta, free_bits=self.free_bits).loss.float()
+                loss = model.objective(x, eps, y=y, beta=self.beta, free_bits=self.free_bits).loss.float()
         loss.backward(self.grad_weight)  # the gradient of loss.mean()
         self.opt.step()
         self.cursor += 1

@@ -227,3 +227,185 @@ def test_label_on_an_unconditional_run_is_refused(tmp_path, tiny_npz):
     assert rc == 0, err
     rc, _, err = _cli("sample", out, "--label", 1, "--out", tmp_path / "s.png")
     assert rc != 0 and "applies to a conditional VAE" in err and "Traceback" not in err
+
+
+# ---- labels in the data --------------------------------------------------------------------------------
+def test_labels_load_with_the_data_and_stay_resident(tmp_path, labelled_npz):
+    from fastvae.data import DeviceData, label_classes, load_dataset
+
+    with np.load(labelled_npz) as f:
+        y_train, y_test = f["y_train"], f["y_test"]
+    data = load_dataset(str(labelled_npz))
+    assert np.array_equal(data.y_train, y_train) and np.array_equal(data.y_test, y_test)
+    assert data.y_train.dtype == np.int64 and label_classes(data) == int(max(y_train.max(), y_test.max())) + 1
+    resident = DeviceData(data.x_test, "cpu", data.y_test)
+    assert resident.y.dtype == torch.int64 and torch.equal(
+        resident.y, torch.from_numpy(y_test.astype(np.int64))
+    )
+    assert torch.equal(
+        resident.labels(torch.tensor([4, 0])), torch.from_numpy(y_test[[4, 0]].astype(np.int64))
+    )
+    assert DeviceData(data.x_test, "cpu").y is None  # unconditional: no labels on the device
+    mnist = load_dataset("mnist")
+    assert mnist.y_test.shape == (len(mnist.x_test),) and label_classes(mnist) == 10
+
+
+@pytest.mark.parametrize(
+    "y_train, fragment",
+    [
+        (np.zeros(5, np.int64), "expected 8 labels"),
+        (np.full(8, 0.5), "labels must be integers"),
+        (np.array([0, 1, -1, 0, 1, 0, 1, 0]), "labels must be >= 0"),
+    ],
+    ids=["length", "fractional", "negative"],
+)
+def test_bad_labels_are_one_clear_line(tmp_path, y_train, fragment):
+    from fastvae.data import label_classes, load_dataset
+
+    path = tmp_path / "bad.npz"
+    x = np.zeros((8, 4, 4), np.uint8)
+    np.savez(path, x_train=x, x_test=x[:2], y_train=y_train, y_test=np.zeros(2, np.int64))
+    with pytest.raises(FastVAEError, match=fragment):
+        label_classes(load_dataset(str(path)))
+
+
+def test_run_configs_from_before_the_new_options_still_load():
+    """A config.json written before issue 16 has no classes/objective/k or conditional keys."""
+    model = CFG.to_dict()
+    for key in ("classes", "objective", "k"):
+        del model[key]
+    assert VAEConfig.from_dict(model) == CFG
+    train_doc = TrainConfig(preset="iwae").to_dict()
+    for key in ("conditional", "objective", "k"):
+        del train_doc[key]
+    old = TrainConfig.from_dict(train_doc)
+    assert not old.conditional and old.model_config().objective == "elbo" and old.model_config().k == 1
+    with pytest.raises(FastVAEError, match="objective must be one of"):
+        TrainConfig(objective="vae")
+    with pytest.raises(FastVAEError, match="k must be"):
+        TrainConfig(k=0)
+
+
+# ---- training: the engine's autograd step and DDP ------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes", [dict(classes=3, objective="iwae", k=3), dict(k=2)], ids=["conditional-iwae-k3", "elbo-k2"]
+)
+def test_engine_step_with_labels_and_k_samples_equals_a_plain_loop(changes):
+    """The engine's step (eager on the CPU, binarized, KL warm-up through set_beta) against Adam on the
+    torch.distributions objective, eps of sample j of a row its columns j Z .. (j + 1) Z of the row noise
+    keyed by epoch * N + index."""
+    from fastvae.data import DeviceData
+    from fastvae.engine import TrainStep, make_optimizer
+    from fastvae.noise import row_normal, row_uniform
+    from fastvae.schedules import TRAIN_BINARIZE_SALT, TRAIN_EPS_SALT
+
+    cfg = CFG.replace(**changes)
+    n, b, seed, epoch = 64, 16, 5, 1
+    rng = np.random.default_rng(0)
+    x_all = (rng.random((n, 12)) * 255).astype(np.uint8)
+    y_all = rng.integers(0, 3, n)
+    torch.manual_seed(0)
+    model, twin = ReferenceVAE(cfg), ReferenceVAE(cfg)
+    twin.load_state_dict(model.state_dict())
+    data = DeviceData(x_all, "cpu", y_all if cfg.conditional else None)
+    eng = TrainStep(model, make_optimizer(model, 1e-2, False), data, b, binarize=True, seed=seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    eng.load_epoch(perm, epoch=epoch)
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    for i, beta in enumerate((0.25, 0.5, 1.0)):
+        eng.set_beta(beta)
+        eng.step()
+        idx = perm[i * b : (i + 1) * b]
+        ids = epoch * n + idx
+        probs = torch.from_numpy(x_all)[idx].float() / 255
+        x = (row_uniform(seed, TRAIN_BINARIZE_SALT, ids, 12) < probs).float()
+        eps = row_normal(seed, TRAIN_EPS_SALT, ids, cfg.k * 3).view(b, cfg.k, 3)
+        y = torch.from_numpy(y_all)[idx] if cfg.conditional else None
+        loss = _by_hand(twin, x, y, eps, beta)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_ranks_equal_one_process_conditional_iwae(tmp_path, labelled_npz):
+    """2 ranks x 16 rows against 1 process x 32 rows: the labels and the K samples of a row follow it to
+    whichever rank trains it (reference backend, gloo)."""
+    from tests.test_distributed import ENV, params, torchrun
+
+    args = ["train", "--data", labelled_npz, "--preset", "iwae", "--conditional", "--objective", "iwae", "--k", "3",
+            "--hidden-dims", "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "6",
+            "--kl-warmup-steps", "4", "--device", "cpu", "--quiet", "--backend", "torch"]  # fmt: skip
+    single = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "fastvae", *map(str, args), "--out", str(single)], env=ENV,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ddp = tmp_path / "ddp"
+    proc = torchrun(2, [*args, "--out", ddp])
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    a, b = params(single), params(ddp)
+    assert "encoder_label.weight" in b
+    for k in a:
+        rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
+        assert rel < 1e-5, (k, rel)
+
+
+# ---- evaluation and the toolkit, given the labels --------------------------------------------------------
+def test_conditional_scores_equal_a_plain_loop():
+    """anomaly_scores' -ELBO and IW bound of a conditional VAE: -log p(x|y) bounds, against
+    torch.distributions row by row with the evaluation's keyed noise."""
+    from fastvae.evaluate import EVAL_SALT, IW_SALT
+    from fastvae.noise import row_normal
+    from fastvae.toolkit import anomaly_scores
+
+    torch.manual_seed(2)
+    model = ReferenceVAE(CFG.replace(classes=4)).eval()
+    x = torch.rand(7, 12).round()
+    y = torch.tensor([0, 3, 1, 2, 2, 0, 1])
+    k, seed = 6, 9
+    nelbo, iw = anomaly_scores(model, x, k, seed=seed, batch_size=3, y=y)
+    rows = torch.arange(7)
+    eps1 = row_normal(seed, EVAL_SALT, rows, 3)
+    eps_iw = row_normal(seed, IW_SALT, rows, k * 3).view(7, k, 3)
+    want_elbo, want_iw = [], []
+    with torch.no_grad():
+        for i in range(7):
+            mu, logvar = model.encode(x[i : i + 1], y[i : i + 1])
+            q = D.Normal(mu[0], torch.exp(0.5 * logvar[0]))
+            z = mu[0] + q.stddev * eps1[i]
+            log_px = D.Bernoulli(logits=model.decode(z[None], y[i : i + 1])[0]).log_prob(x[i]).sum()
+            want_elbo.append(-log_px + D.kl_divergence(q, D.Normal(0.0, 1.0)).sum())
+            zs = mu[0] + q.stddev * eps_iw[i]  # (k, Z)
+            log_w = (D.Bernoulli(logits=model.decode(zs, y[i].repeat(k))).log_prob(x[i]).sum(-1)
+                     + D.Normal(0.0, 1.0).log_prob(zs).sum(-1) - q.log_prob(zs).sum(-1))  # fmt: skip
+            want_iw.append(-(torch.logsumexp(log_w, 0) - math.log(k)))
+    np.testing.assert_allclose(nelbo, torch.stack(want_elbo).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(iw, torch.stack(want_iw).numpy(), rtol=1e-5)
+
+
+def test_conditional_toolkit_uses_the_labels():
+    from fastvae.toolkit import interpolate, manifold, sample_labels
+
+    torch.manual_seed(3)
+    model = ReferenceVAE(CFG.replace(classes=3)).eval()
+    assert sample_labels(model, 25, ncol=10).tolist() == [0] * 10 + [1] * 10 + [2] * 5  # row r: label r % C
+    assert sample_labels(model, 4, 2).tolist() == [2] * 4
+    x_a, x_b = torch.rand(12), torch.rand(12)
+    path = interpolate(model, x_a, x_b, 3, labels=(1, 2), label=0)
+    with torch.no_grad():
+        mu_a = model.encode(x_a[None], torch.tensor([1]))[0][0]
+        mu_b = model.encode(x_b[None], torch.tensor([2]))[0][0]
+        mid = torch.sigmoid(model.decode(((mu_a + mu_b) / 2)[None], torch.tensor([0])))[0]
+    torch.testing.assert_close(path[1], mid)
+    images, vals = manifold(model, 2, (0, 1), label=1)  # top-left: dim 0 at its largest, dim 1 at its least
+    with torch.no_grad():
+        corner = torch.sigmoid(model.decode(torch.tensor([[vals[1], vals[0], 0.0]]), torch.tensor([1])))
+    torch.testing.assert_close(images[:1], corner)
+    for bad in (
+        lambda: sample_labels(model, 2, 3),
+        lambda: interpolate(model, x_a, x_b, 3, labels=(1, 2), label=5),
+    ):
+        with pytest.raises(FastVAEError, match=r"--label must be in 0\.\.2"):
+            bad()
