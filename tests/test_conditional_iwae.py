@@ -127,15 +127,19 @@ def _cfg(tmp_path, data, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_conditional_iwae_training_resumes_exactly(tmp_path, labelled_npz):
-    """3 epochs straight against 2 + a resumed third: the same weights, bit for bit."""
-    straight = train(_cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "a")))
+@pytest.mark.parametrize("engine", [False, True], ids=["eager", "engine"])
+def test_conditional_iwae_training_resumes_exactly(tmp_path, labelled_npz, engine):
+    """3 epochs straight against 2 + a resumed third: the same weights, bit for bit (the eager step, and
+    the engine's step run eagerly on the CPU)."""
+    straight = train(_cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "a"), engine=engine))
     assert (
         straight.model.config.classes == 3
         and straight.metrics[-1]["test_objective"] < straight.metrics[0]["test_objective"]
     )
-    train(_cfg(tmp_path, labelled_npz, epochs=2, out=str(tmp_path / "b")))
-    resumed = train(_cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "b"), resume=True))
+    train(_cfg(tmp_path, labelled_npz, epochs=2, out=str(tmp_path / "b"), engine=engine))
+    resumed = train(
+        _cfg(tmp_path, labelled_npz, epochs=3, out=str(tmp_path / "b"), resume=True, engine=engine)
+    )
     assert resumed.step == straight.step
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert set(a) >= {"encoder_label.weight", "decoder_label.weight"}
@@ -208,13 +212,17 @@ def test_cli_label_commands(cli_run, tmp_path):
         (("sample", "{run}", "--label", "3", "--out", "x.png"), "--label must be in 0..2"),
         (("manifold", "{run}", "-n", "3", "--out", "x.png"), "give --label"),
         (("quality", "{run}"), "not defined for a conditional VAE"),
+        (("compare", "{run}", "{run}", "--out", "c.png"), "not defined for a conditional VAE"),
+        (("edit", "{run}", "--image", "0", "--attribute", "label=0->1"), "not defined for a conditional VAE"),
+        (("interpolate", "{run}", "--a", "0", "--b", "1", "--label", "3"), "--label must be in 0..2"),
+        (("score", "{run}", "--data", "{data}", "--iw", "0"), "give --labels"),
         (("train", "--data", "{tiny}", "--conditional", "--max-steps", "1", "--out", "t"), "no labels"),
         (("train", "--preset", "iwae-k5", "--free-bits", "0.5", "--out", "t"), "free bits"),
         (("train", "--k", "0", "--out", "t"), "--k"),
     ],
 )
-def test_cli_bad_input_gives_one_line(cli_run, tiny_npz, tmp_path, args, fragment):
-    args = [a.format(run=cli_run, tiny=tiny_npz) for a in args]
+def test_cli_bad_input_gives_one_line(cli_run, tiny_npz, labelled_npz, tmp_path, args, fragment):
+    args = [a.format(run=cli_run, tiny=tiny_npz, data=labelled_npz) for a in args]
     rc, _, err = _cli(*args, cwd=tmp_path)
     assert rc != 0 and fragment in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -225,8 +233,26 @@ def test_label_on_an_unconditional_run_is_refused(tmp_path, tiny_npz):
     rc, _, err = _cli("train", "--data", tiny_npz, "--hidden-dims", "8", "--latent-dim", "2", "--max-steps", "2",
                       "--device", "cpu", "--quiet", "--out", out)  # fmt: skip
     assert rc == 0, err
-    rc, _, err = _cli("sample", out, "--label", 1, "--out", tmp_path / "s.png")
-    assert rc != 0 and "applies to a conditional VAE" in err and "Traceback" not in err
+    for args in (("sample", out, "--label", 1), ("manifold", out, "-n", 2, "--label", 1),
+                 ("interpolate", out, "--a", 0, "--b", 1, "--label", 1)):  # fmt: skip
+        rc, _, err = _cli(*args, "--out", tmp_path / "x.png")
+        assert rc != 0 and "applies to a conditional VAE" in err and "Traceback" not in err, args
+
+
+def test_cli_scores_a_conditional_run_given_labels(cli_run, labelled_npz, tmp_path):
+    """score --labels: -log p(x|y) per sample; the same images under other labels score otherwise."""
+    with np.load(labelled_npz) as f:
+        y = f["y_test"]
+    np.save(tmp_path / "other.npy", (y + 1) % 3)
+    scores = []
+    for labels in (labelled_npz, tmp_path / "other.npy"):
+        out = tmp_path / f"{len(scores)}.csv"
+        rc, _, err = _cli(
+            "score", cli_run, "--data", labelled_npz, "--labels", labels, "--iw", 2, "--out", out
+        )
+        assert rc == 0, err
+        scores.append(np.loadtxt(out, delimiter=",", skiprows=1)[:, 1])
+    assert len(scores[0]) == len(y) and not np.allclose(scores[0], scores[1])
 
 
 # ---- labels in the data --------------------------------------------------------------------------------
