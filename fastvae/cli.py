@@ -361,11 +361,19 @@ def cmd_quality(a: argparse.Namespace) -> int:
     print(
         f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in fastvae.quality.cache_dir())"
     )
-    print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}  class histogram")
+    labelled = run.config.conditional  # every row then has its label agreement
+    print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}"
+          f"{' label agreement' if labelled else ''}  class histogram")  # fmt: skip
     for name, sc in report.rows.items():
         hist = " ".join(str(c) for c in sc.histogram)
-        print(f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}  {hist}")
+        agree = f" {sc.label_agreement:15.3f}" if labelled else ""
+        print(
+            f"{name:30s} {sc.confidence:10.3f} {sc.entropy_bits:8.2f}/{top:.2f} {sc.mnist_fd:9.2f}{agree}  {hist}"
+        )
     print("MNIST-FD: Frechet distance of the judge's penultimate features to a random half of the test split")
+    if labelled:
+        print("label agreement: the share of images the judge assigns to the label they were drawn for "
+              "(conditional VAE: prior samples row r of 10 label r % C; midpoints decoded with the first end's label)")  # fmt: skip
     return 0
 
 

@@ -14,6 +14,10 @@ bundled MNIST labels: a few seconds on a CPU), seeded and cached under ``~/.cach
 The reference set is a seeded random half of the test split; the other half, scored the same way, gives
 the floor a perfect model would reach (the FD of real images against real images is not 0: it is the
 sampling noise of n images).
+
+A conditional VAE's images are drawn for known labels (prior samples: row r of a 10-wide grid shows label
+r % C; midpoints: both ends encoded with their own labels, decoded with the first end's), and each row also
+gets its label agreement: the share of images the judge assigns to the label they were drawn for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,24 +173,33 @@ class Scores:
     histogram: list[int]  # predicted class counts
     entropy_bits: float  # of the predicted class histogram; log2(classes) is perfect coverage
     mnist_fd: float  # Fréchet distance of penultimate features to the reference test images
-    extra: dict = field(default_factory=dict)
+    # images drawn for known labels (a conditional VAE's): the share the judge assigns to their label
+    label_agreement: float | None = None
 
     def as_dict(self) -> dict:
-        return {"n": self.n, "confidence": self.confidence, "entropy_bits": self.entropy_bits,
-                "mnist_fd": self.mnist_fd, "histogram": self.histogram}  # fmt: skip
+        d = {"n": self.n, "confidence": self.confidence, "entropy_bits": self.entropy_bits,
+             "mnist_fd": self.mnist_fd, "histogram": self.histogram}  # fmt: skip
+        if self.label_agreement is not None:
+            d["label_agreement"] = self.label_agreement
+        return d
 
 
 @torch.no_grad()
-def judge(clf: DigitClassifier, x: Tensor, reference: tuple[Tensor, Tensor]) -> Scores:
-    """Scores of images x (N, D) in [0, 1] against the reference feature statistics."""
+def judge(
+    clf: DigitClassifier, x: Tensor, reference: tuple[Tensor, Tensor], labels: Tensor | None = None
+) -> Scores:
+    """Scores of images x (N, D) in [0, 1] against the reference feature statistics; with ``labels`` (N,),
+    the labels the images were drawn for, also the share of them the judge agrees with."""
     x = x.float().cpu().flatten(1)
     feats = torch.cat([clf.features(x[i : i + 2000]) for i in range(0, len(x), 2000)])
     probs = torch.softmax(clf.out(feats), -1)
-    counts = torch.bincount(probs.argmax(1), minlength=probs.shape[1])
+    pred = probs.argmax(1)
+    counts = torch.bincount(pred, minlength=probs.shape[1])
     p = counts.double() / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
     fd = frechet_distance(gaussian_stats(feats), reference)
-    return Scores(len(x), float(probs.max(1).values.mean()), counts.tolist(), entropy, fd)
+    agree = None if labels is None else float((pred == labels.cpu()).double().mean())
+    return Scores(len(x), float(probs.max(1).values.mean()), counts.tolist(), entropy, fd, agree)
 
 
 def max_entropy_bits(n_classes: int) -> float:
@@ -214,28 +227,31 @@ class QualityReport:
 
 
 @torch.no_grad()
-def midpoints(model: torch.nn.Module, x: Tensor, n: int, seed: int = 0) -> Tensor:
-    """Decoded midpoints (mu(a) + mu(b)) / 2 of n random pairs of rows of x (seeded): (n, D)."""
+def midpoints(
+    model: torch.nn.Module, x: Tensor, n: int, seed: int = 0, y: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Decoded midpoints (mu(a) + mu(b)) / 2 of n random pairs of rows of x (seeded): (n, D), and for a
+    conditional VAE (labels ``y`` of the rows) the label each is decoded with, a's (each end is encoded
+    with its own label)."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randint(len(x), (2, n), generator=g)
     device = next(model.parameters()).device
+    label = (lambda rows: None) if y is None else (lambda rows: y[rows].to(device))  # noqa: E731
     out = []
     for i in range(0, n, 1000):
-        mu_a = model.encode(x[a[i : i + 1000]].to(device))[0]
-        mu_b = model.encode(x[b[i : i + 1000]].to(device))[0]
-        out.append(model.mean_output(model.decode((mu_a + mu_b) / 2)).float().cpu())
-    return torch.cat(out)
+        ia, ib = a[i : i + 1000], b[i : i + 1000]
+        mu_a = model.encode(x[ia].to(device), label(ia))[0]
+        mu_b = model.encode(x[ib].to(device), label(ib))[0]
+        out.append(model.mean_output(model.decode((mu_a + mu_b) / 2, label(ia))).float().cpu())
+    return torch.cat(out), (None if y is None else y[a].cpu())
 
 
 def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> QualityReport:
     """Scores of ``n`` prior samples and ``n`` interpolation midpoints of a loaded run
     (:func:`fastvae.runs.load_run`), against a seeded random half of its test split; the other half is
     scored as the real-data floor (n is capped at that half's size, so every row uses as many images)."""
-    from fastvae.toolkit import refuse_conditional
-
-    refuse_conditional(run.model, "fastvae quality (it judges unlabelled prior samples)")
     from fastvae.data import load_dataset
-    from fastvae.toolkit import prior_samples
+    from fastvae.toolkit import prior_samples, sample_labels
 
     source = run.doc.get("train", {}).get("data", "mnist")
     dataset = load_dataset(source, run.config.likelihood)
@@ -253,12 +269,15 @@ def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> Qualit
     # first/second-half split alone gives an MNIST-FD of 12 between real images; a random one, 0.3).
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
     real = real[perm]
+    y_real = None if run.test.y is None else run.test.y.cpu()[perm]  # a conditional VAE's test labels
     reference = gaussian_stats(clf.features(real[:half]).detach())
     model = run.model
-    images = {
-        ROWS[0]: prior_samples(model, n, seed).float().cpu(),
-        ROWS[1]: midpoints(model, real, n, seed),
-        ROWS[2]: real[half : half + n],
+    mid, y_mid = midpoints(model, real, n, seed, y_real)
+    y_prior = sample_labels(model, n)  # prior_samples' labels: None, or row r of 10 shows label r % C
+    images = {  # name: (images, the labels they were drawn for, or None)
+        ROWS[0]: (prior_samples(model, n, seed).float().cpu(), y_prior),
+        ROWS[1]: (mid, y_mid),
+        ROWS[2]: (real[half : half + n], None if y_real is None else y_real[half : half + n]),
     }
-    rows = {name: judge(clf, x, reference) for name, x in images.items()}
+    rows = {name: judge(clf, x, reference, y) for name, (x, y) in images.items()}
     return QualityReport(rows, acc, clf.out.out_features)

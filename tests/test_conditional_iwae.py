@@ -102,11 +102,9 @@ def test_k_sample_training_noise_extends_the_one_sample_draw():
     assert not torch.equal(many[:, 1], many[:, 2])
 
 
-@pytest.fixture(scope="module")
-def labelled_npz(tmp_path_factory):
-    """Strokes whose label is their orientation (0: horizontal, 1: vertical, 2: both)."""
+def _strokes(path, n, n_train):
+    """Strokes whose label is their orientation (0: horizontal, 1: vertical, 2: both), as a .npz split."""
     rng = np.random.default_rng(0)
-    n = 400
     x = np.zeros((n, 8, 8), dtype=np.float32)
     y = rng.integers(0, 3, n)
     for i in range(n):
@@ -116,9 +114,13 @@ def labelled_npz(tmp_path_factory):
         if y[i] != 0:
             x[i, :, c - 1 : c + 2] = 1
     x = (x * 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("labelled") / "strokes.npz"
-    np.savez(path, x_train=x[:320], x_test=x[320:], y_train=y[:320], y_test=y[320:])
+    np.savez(path, x_train=x[:n_train], x_test=x[n_train:], y_train=y[:n_train], y_test=y[n_train:])
     return path
+
+
+@pytest.fixture(scope="module")
+def labelled_npz(tmp_path_factory):
+    return _strokes(tmp_path_factory.mktemp("labelled") / "strokes.npz", 400, 320)
 
 
 def _cfg(tmp_path, data, **kw):
@@ -211,7 +213,6 @@ def test_cli_label_commands(cli_run, tmp_path):
     [
         (("sample", "{run}", "--label", "3", "--out", "x.png"), "--label must be in 0..2"),
         (("manifold", "{run}", "-n", "3", "--out", "x.png"), "give --label"),
-        (("quality", "{run}"), "not defined for a conditional VAE"),
         (("compare", "{run}", "{run}", "--out", "c.png"), "not defined for a conditional VAE"),
         (("edit", "{run}", "--image", "0", "--attribute", "label=0->1"), "not defined for a conditional VAE"),
         (("interpolate", "{run}", "--a", "0", "--b", "1", "--label", "3"), "--label must be in 0..2"),
@@ -435,3 +436,27 @@ def test_conditional_toolkit_uses_the_labels():
     ):
         with pytest.raises(FastVAEError, match=r"--label must be in 0\.\.2"):
             bad()
+
+
+def test_quality_judges_a_conditional_vae_by_the_labels_it_draws(tmp_path, monkeypatch, capsys):
+    """Prior samples drawn for labels r // 10 % C: their label agreement is the judge's by hand."""
+    from fastvae.cli import main
+    from fastvae.data import load_dataset
+    from fastvae.noise import keyed_generator
+    from fastvae.quality import ROWS, load_classifier, run_quality
+    from fastvae.runs import load_run
+
+    monkeypatch.setenv("FASTVAE_CACHE", str(tmp_path / "cache"))
+    data = _strokes(tmp_path / "strokes.npz", 700, 400)  # a test split of 300: quality needs >= 200
+    train(_cfg(tmp_path, data, objective="elbo", k=1, epochs=1, max_steps=10))
+    run = load_run(tmp_path / "run")
+    report = run_quality(run, 120, seed=0)
+    clf, _ = load_classifier(load_dataset(str(data)), seed=0)
+    y = torch.arange(120) // 10 % 3
+    with torch.no_grad():
+        x = torch.sigmoid(run.model.decode(torch.randn(120, 3, generator=keyed_generator(0, 0)), y))
+        want = (clf(x).argmax(1) == y).double().mean().item()
+    assert report.rows[ROWS[0]].label_agreement == pytest.approx(want)
+    assert all(0 <= r.label_agreement <= 1 for r in report.rows.values())
+    assert main(["quality", str(tmp_path / "run"), "-n", "120", "--device", "cpu"]) == 0
+    assert "label agreement" in capsys.readouterr().out
