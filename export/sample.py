@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
-from fastvae.config import SAMPLE_ROWS
 from fastvae.errors import FastVAEError
 from fastvae.export.runtime import OnnxPart
+from fastvae.images import SAMPLE_ROWS
 from fastvae.limits import available_bytes
 
 CHUNK_ROWS = 1024

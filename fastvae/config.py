@@ -24,8 +24,6 @@ MODELS = ("vae", "ae")
 # the plain VAE; k > 1: the IWAE paper's "VAE, k" baseline); "iwae", the k-sample importance-weighted bound
 # -log (1/k) sum_j p(x, z_j) / q(z_j|x) (Burda et al., 2015).
 OBJECTIVES = ("elbo", "iwae")
-# A conditional VAE's sample grids have this many images per row, each row one label (r % C).
-SAMPLE_ROWS = 10
 # Bound of k: the decoder runs on B * k rows per step.
 MAX_SAMPLES = 4096
 # Bound of lr, beta and free bits: they become float32 device values (1e308 overflowed there); any

@@ -12,6 +12,9 @@ from PIL import Image
 from fastvae.atomic import atomic_write_bytes
 from fastvae.errors import FastVAEError
 
+# A conditional VAE's sample grids have this many images per row, each row one label (r % C).
+SAMPLE_ROWS = 10
+
 # The largest grid drawn: 40 megapixels (a 6,300-px square, ~120 MB as RGB). Beyond it fewer samples
 # are drawn, each at most MAX_SAMPLE_PIXELS.
 MAX_GRID_PIXELS = 40_000_000

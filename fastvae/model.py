@@ -103,7 +103,9 @@ class ReferenceVAE(nn.Module):
             if y is not None:
                 raise FastVAEError("labels were given to an unconditional model")
             return layer(h)
-        onehot = self.onehot(y, h.shape[0]).to(h.dtype)  # (B, C); shape[0], not len(): stays symbolic in an export
+        onehot = self.onehot(y, h.shape[0]).to(
+            h.dtype
+        )  # (B, C); shape[0], not len(): stays symbolic in an export
         weight = torch.cat([layer.weight, getattr(self, label).weight], 1)  # (H, D + C)
         return F.linear(torch.cat([h, onehot], 1), weight, layer.bias)
 

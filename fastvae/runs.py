@@ -238,8 +238,8 @@ def write_images(
     if epoch is not None:
         (run_dir / "images").mkdir(exist_ok=True)
         names = tuple(f"images/{n[:-4]}-epoch-{epoch:03d}.png" for n in IMAGE_FILES)
-    rows = min(model.config.classes, SAMPLE_ROWS)  # a conditional VAE: one row per label, the first 10
-    n, ncol = (SAMPLE_ROWS * rows, SAMPLE_ROWS) if model.config.conditional else (64, 8)
+    c = min(model.config.classes, SAMPLE_ROWS)  # a conditional grid: one row per label, at most 10 rows
+    n, ncol = (SAMPLE_ROWS * c, SAMPLE_ROWS) if model.config.conditional else (64, 8)
     save_grid(prior_samples(model, n, seed).float().cpu().numpy(), shape, run_dir / names[0], ncol=ncol)
     with torch.no_grad():
         rows = torch.arange(min(8, len(test)), device=test.x.device)

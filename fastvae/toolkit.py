@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastvae.config import SAMPLE_ROWS
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import elbo_stats, elbo_terms_by_row, iw_bound_by_row
+from fastvae.images import SAMPLE_ROWS
 from fastvae.noise import keyed_generator
 
 

@@ -110,11 +110,14 @@ def test_dead_rank_fails_the_job_fast(tmp_path):
     assert proc.returncode != 0 and time.time() - t < 60
 
 
-def test_fused_backend_under_ddp_matches_the_reference(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--conditional", "--objective", "iwae", "--k", "3"]],
+                         ids=["vae", "conditional-iwae-k3"])  # fmt: skip
+def test_fused_backend_under_ddp_matches_the_reference(tmp_path, extra):
     """FusedVAE's custom autograd under DDP: its gradients reach DDP's buckets (kernels interpreted on
-    the CPU here; on GPUs the same path runs on CUDA)."""
+    the CPU here; on GPUs the same path runs on CUDA); also for a conditional VAE on the IWAE objective
+    (labels and K samples per row through the kernels, 2 ranks against 1 reference process)."""
     args = ["train", "--hidden-dims", "32", "--latent-dim", "4", "--batch-size", "32", "--max-steps", "6",
-            "--device", "cpu", "--quiet", "--no-engine"]  # fmt: skip
+            "--device", "cpu", "--quiet", "--no-engine", *extra]  # fmt: skip
     ref = tmp_path / "ref"
     proc = subprocess.run([sys.executable, "-m", "fastvae", *args, "--backend", "torch", "--out", str(ref)], env=ENV,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
