@@ -55,13 +55,22 @@ class OnnxPart:
 
     Everything read from the file is checked before the first call: the metadata (sizes, ``classes`` and
     a scorer's ``iw_k`` / ``eval_seed``) and the graph's inputs and outputs (names, types, static widths)
-    against it, so a forged or foreign file gets one FastVAEError line, not an onnxruntime traceback."""
+    against it, so a forged or foreign file gets one FastVAEError line, not an onnxruntime traceback.
+
+    Inputs (x, z) are arrays of real numbers: bool (read as 0/1), integer or float; uint8 is pixels
+    (divided by 255). Complex, string, bytes, object and datetime arrays are refused, never cast (a cast
+    would drop an imaginary part or parse text). Labels are integers, or floats with integer values.
+    Seeds are integers in 0..MAX_SEED (2**63 - 1, fastvae's seed range), where fastvae's 64-bit seed mixing
+    folds no two seeds together (beyond it 2**64 + s would draw the noise of s); a float, a bool, a string
+    or a seed beyond the range is refused."""
 
     part = ""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         ort = require("onnxruntime", "the ONNX runtime (Sampler, Encoder, Scorer)")
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise FastVAEError(f"the model must be a path to an .onnx file, got {type(path).__name__}")
         path = Path(path)
         if not path.is_file():
             raise FastVAEError(f"{path}: no such model file")

@@ -378,3 +378,15 @@ def test_runtime_install_says_exporting_needs_the_full_package(tmp_path, no_torc
         "full fastvae package" in ln and "fastvae-engine[export]" in ln for ln in lines
     )
     assert "NO_TORCH" in p.stderr
+
+
+@pytest.mark.parametrize("cls", [Encoder, Scorer, Sampler])
+def test_bad_model_paths_and_threads_are_one_error(parts, cls):
+    path = parts[{Encoder: "encoder", Scorer: "scorer", Sampler: "decoder"}[cls]]
+    for bad in (123, None, np.zeros(3)):
+        with pytest.raises(FastVAEError, match="must be a path"):
+            cls(bad)
+    for threads in (1.5, "2", True, 0):
+        with pytest.raises(FastVAEError, match="threads must be an integer"):
+            cls(path, threads=threads)
+    assert cls(path, threads=np.int64(1)).threads == 1
