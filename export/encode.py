@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastvae.errors import FastVAEError
-from fastvae.export.runtime import OnnxPart, check_out, input_labels, read_inputs, write_table
+from fastvae.export.runtime import GraphIO, OnnxPart, check_out, input_labels, read_inputs, write_table
 
 CHUNK_ROWS = 1024  # CPU throughput peaks near here
 
@@ -31,7 +31,7 @@ class Encoder(OnnxPart):
         warm = np.zeros(1, np.int64) if self.classes else None
         self.encode(np.zeros((1, self.in_dim), np.float32), warm)  # warm-up
 
-    def graph_io(self):
+    def graph_io(self) -> GraphIO:
         z = self.latent_dim
         return [("x", 2, {1: self.in_dim})], [("mu", 2, {1: z}), ("logvar", 2, {1: z})]
 

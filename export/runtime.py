@@ -21,6 +21,8 @@ from fastvae.limits import MAX_SCORER_IW
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
+Arg = tuple[str, int, dict[int, int]]  # a graph input or output: (name, rank, {axis: static size})
+GraphIO = tuple[list[Arg], list[Arg]]
 
 
 def physical_cores() -> int:
@@ -116,7 +118,7 @@ class OnnxPart:
     def _read_metadata(self) -> None:
         """A part's own metadata, parsed and checked before the graph is (a Scorer reads ``iw_k``)."""
 
-    def graph_io(self) -> tuple[list[tuple[str, int, dict[int, int]]], list[tuple[str, int, dict[int, int]]]]:
+    def graph_io(self) -> GraphIO:
         """(inputs, outputs) the part's graph must have, in order: (name, rank, {axis: static size}); a
         conditional part takes the labels y (B,) int64 last."""
         raise NotImplementedError

@@ -20,7 +20,7 @@ import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError
-from fastvae.export.runtime import MAX_SEED, OnnxPart, check_seed, real_array
+from fastvae.export.runtime import MAX_SEED, GraphIO, OnnxPart, check_seed, real_array
 from fastvae.images import SAMPLE_ROWS
 from fastvae.limits import available_bytes
 
@@ -48,7 +48,7 @@ class Sampler(OnnxPart):
         warm = np.zeros(1, np.int64) if self.classes else None
         self._run(np.zeros((1, self.latent_dim), dtype=np.float32), warm)  # warm-up
 
-    def graph_io(self):
+    def graph_io(self) -> GraphIO:
         return [("z", 2, {1: self.latent_dim})], [("x_prob", 2, {1: self.in_dim})]
 
     def _run_bound(self, io) -> None:

@@ -23,6 +23,7 @@ from fastvae.export import keyed_noise
 from fastvae.export.runtime import (
     MAX_IW,
     MAX_SEED,
+    GraphIO,
     OnnxPart,
     check_out,
     check_seed,
@@ -50,7 +51,7 @@ class Scorer(OnnxPart):
         self.k = meta_int(self.path, self.metadata, "iw_k", 0, MAX_IW)
         self.seed = meta_int(self.path, self.metadata, "eval_seed", 0, MAX_SEED)
 
-    def graph_io(self):
+    def graph_io(self) -> GraphIO:
         z, k = self.latent_dim, self.k
         inputs = [
             ("x", 2, {1: self.in_dim}),
