@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastvae.errors import FastVAEError
-from fastvae.export.runtime import OnnxPart, check_out, input_labels, read_inputs, write_table
+from fastvae.export.runtime import GraphIO, OnnxPart, check_out, input_labels, read_inputs, write_table
 
 CHUNK_ROWS = 1024  # CPU throughput peaks near here
 
@@ -31,6 +31,10 @@ class Encoder(OnnxPart):
         warm = np.zeros(1, np.int64) if self.classes else None
         self.encode(np.zeros((1, self.in_dim), np.float32), warm)  # warm-up
 
+    def graph_io(self) -> GraphIO:
+        z = self.latent_dim
+        return [("x", 2, {1: self.in_dim})], [("mu", 2, {1: z}), ("logvar", 2, {1: z})]
+
     def encode(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(mu, logvar) of x (N, D) or (N, *data_shape): uint8 pixels or floats in [0, 1]; a conditional
         VAE's encoder also takes the labels ``y`` (N,)."""
@@ -40,7 +44,7 @@ class Encoder(OnnxPart):
         logvar = np.empty_like(mu)
         for i in range(0, len(x), CHUNK_ROWS):
             feed = {"x": x[i : i + CHUNK_ROWS], **{k: v[i : i + CHUNK_ROWS] for k, v in labels.items()}}
-            mu[i : i + CHUNK_ROWS], logvar[i : i + CHUNK_ROWS] = self.session.run(["mu", "logvar"], feed)
+            mu[i : i + CHUNK_ROWS], logvar[i : i + CHUNK_ROWS] = self.run(["mu", "logvar"], feed)
         return mu, logvar
 
 

@@ -52,6 +52,8 @@ import torch
 
 import fastvae
 from fastvae.errors import FastVAEError, require
+from fastvae.export.runtime import MAX_IW
+from fastvae.export.score import DECODED_ROWS
 from fastvae.model import iw_log_weights, iw_nll
 from fastvae.runs import load_model, load_run, read_run_config
 
@@ -179,6 +181,7 @@ def export_parts(
     folder), or ``all`` of them to the folder ``out`` as decoder.onnx, encoder.onnx, scorer.onnx."""
     if part != "all" and part not in PARTS:
         raise FastVAEError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}, all")
+    _check_iw(iw)
     out = Path(out)
     if part == "all":
         if out.suffix == ".onnx":
@@ -203,6 +206,14 @@ def export_parts(
     ]
 
 
+def _check_iw(iw: int) -> None:
+    if isinstance(iw, bool) or not isinstance(iw, int) or not 0 <= iw <= MAX_IW:
+        raise FastVAEError(
+            f"iw must be an integer in 0..{MAX_IW:,} (the scorer decodes a row's K draws in one call), "
+            f"got {iw!r:.40}"
+        )
+
+
 def export_part(
     run_dir: str | os.PathLike, out: str | os.PathLike, part: str, *, iw: int = 0, int8: bool = False,
     reduce_range: bool = INT8_REDUCE_RANGE, progress: bool = False,
@@ -210,8 +221,7 @@ def export_part(
     """Export one part of a trained run to the file ``out``; see the module docstring."""
     if part not in PARTS:
         raise FastVAEError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
-    if isinstance(iw, bool) or not isinstance(iw, int) or iw < 0:
-        raise FastVAEError(f"iw must be an integer >= 0, got {iw!r}")
+    _check_iw(iw)
     if iw and part != "scorer":
         raise FastVAEError("--iw applies to the scorer only")
     out = Path(out)
@@ -433,22 +443,30 @@ def scorer_noise(seed: int, rows: torch.Tensor, latent_dim: int, k: int = 0) -> 
 
 
 def _check_scorer(sess, model, run_dir, k: int) -> float:
-    """onnxruntime against fastvae.evaluate's row-keyed -ELBO and IW bound on the run's test images."""
+    """onnxruntime against fastvae.evaluate's row-keyed -ELBO and IW bound on the run's test images. An IW
+    scorer runs in chunks of DECODED_ROWS // k rows, as ``Scorer`` runs it, and its largest check batch
+    is cut to about 2^20 decoded draws, so any k up to MAX_IW checks in bounded memory and time."""
     from fastvae.evaluate import elbo_terms_by_row, iw_bound_by_row
 
-    run, x_all, rows_all = _test_rows(run_dir, max(CHECK_BATCHES))
+    batches = sorted({min(b, max(7, (1 << 20) // k)) for b in CHECK_BATCHES} if k else set(CHECK_BATCHES))
+    run, x_all, rows_all = _test_rows(run_dir, max(batches))
     gen = torch.Generator().manual_seed(2)
+    chunk = max(1, DECODED_ROWS // max(k, 1))
     worst = 0.0
-    for b in CHECK_BATCHES:
+    for b in batches:
         x, rows = x_all[:b], rows_all[:b]
         y, feed = check_labels(model, b, gen)
         o = elbo_terms_by_row(model, x, rows, run.seed, y)
         refs = {"neg_elbo": o.neg_elbo, "rec": o.rec, "kl": o.kl}
         if k:
             refs["iw_nll"] = iw_bound_by_row(model, x, rows, k, run.seed, y)
-        got = sess.run(
-            list(refs), {"x": x.numpy(), **scorer_noise(run.seed, rows, model.config.latent_dim, k), **feed}
-        )
+        parts = []
+        for i in range(0, b, chunk):
+            noise = scorer_noise(run.seed, rows[i : i + chunk], model.config.latent_dim, k)
+            parts.append(
+                sess.run(list(refs), {"x": x[i : i + chunk].numpy(), **noise, **_rows(feed, i, chunk)})
+            )
+        got = [np.concatenate(col) for col in zip(*parts)]
         for (name, ref), g in zip(refs.items(), got):
             worst = max(worst, _compare(g, ref.double().numpy(), name, b, rel=True))
     return worst

@@ -17,9 +17,12 @@ import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError, require
+from fastvae.limits import MAX_SCORER_IW
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
+Arg = tuple[str, int, dict[int, int]]  # a graph input or output: (name, rank, {axis: static size})
+GraphIO = tuple[list[Arg], list[Arg]]
 
 
 def physical_cores() -> int:
@@ -50,20 +53,37 @@ def physical_cores() -> int:
 
 
 class OnnxPart:
-    """A fastvae ONNX part (``part`` metadata) in an onnxruntime CPU session."""
+    """A fastvae ONNX part (``part`` metadata) in an onnxruntime CPU session.
+
+    Everything read from the file is checked before the first call: the metadata (sizes, ``classes`` and
+    a scorer's ``iw_k`` / ``eval_seed``) and the graph's inputs and outputs (names, types, static widths)
+    against it, so a forged or foreign file gets one FastVAEError line, not an onnxruntime traceback.
+
+    Inputs (x, z) are arrays of real numbers: bool (read as 0/1), integer or float; uint8 is pixels
+    (divided by 255). Complex, string, bytes, object and datetime arrays are refused, never cast (a cast
+    would drop an imaginary part or parse text). Labels are integers, or floats with integer values.
+    Seeds are integers in 0..MAX_SEED (2**63 - 1, fastvae's seed range), where fastvae's 64-bit seed mixing
+    folds no two seeds together (beyond it 2**64 + s would draw the noise of s); a float, a bool, a string
+    or a seed beyond the range is refused."""
 
     part = ""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         ort = require("onnxruntime", "the ONNX runtime (Sampler, Encoder, Scorer)")
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise FastVAEError(f"the model must be a path to an .onnx file, got {type(path).__name__}")
         path = Path(path)
         if not path.is_file():
             raise FastVAEError(f"{path}: no such model file")
-        if threads is not None and not 1 <= threads <= MAX_THREADS:
-            raise FastVAEError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads}")
+        if threads is not None and (
+            isinstance(threads, bool)
+            or not isinstance(threads, (int, np.integer))
+            or not 1 <= threads <= MAX_THREADS
+        ):
+            raise FastVAEError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or physical_cores()
+        opts.intra_op_num_threads = int(threads or physical_cores())
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -89,41 +109,74 @@ class OnnxPart:
         self.metadata = meta
         self.threads = opts.intra_op_num_threads
         self.latent_dim, self.data_shape = _sizes(path, meta)
-        self.classes = _classes(path, meta)
+        self.classes = meta_int(path, meta, "classes", 0, MAX_WIDTH)  # absent before conditional models
         self.in_dim = int(np.prod(self.data_shape))
+        self._read_metadata()
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._check_graph()
 
+    def _read_metadata(self) -> None:
+        """A part's own metadata, parsed and checked before the graph is (a Scorer reads ``iw_k``)."""
+
+    def graph_io(self) -> GraphIO:
+        """(inputs, outputs) the part's graph must have, in order: (name, rank, {axis: static size}); a
+        conditional part takes the labels y (B,) int64 last."""
+        raise NotImplementedError
+
     def _check_graph(self) -> None:
-        """The graph's own inputs and outputs agree with the metadata: a forged ``latent_dim`` or
-        ``data_shape`` would otherwise fail deep inside onnxruntime, or draw the wrong images."""
-        first_in = self.latent_dim if self.part == "decoder" else self.in_dim
-        ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        if not ins or len(ins) > 4:
-            raise FastVAEError(f"{self.path}: expected 1 to 4 graph inputs, found {len(ins)}")
-        if (ins[-1].name == "y") != (self.classes > 0):
-            want = "takes labels y" if self.classes else "takes no labels"
-            raise FastVAEError(f"{self.path}: the metadata says classes={self.classes}, so the graph {want}")
+        """The graph's own inputs and outputs agree with the part and its metadata: a forged ``latent_dim``,
+        ``data_shape`` or ``iw_k``, or a foreign input, would otherwise fail deep inside onnxruntime (or
+        draw the wrong images)."""
+        want_in, want_out = self.graph_io()
         if self.classes:
-            if ins[-1].type != "tensor(int64)":
-                raise FastVAEError(f"{self.path}: graph 'y' is {ins[-1].type}, expected tensor(int64)")
-            ins = ins[:-1]
-        for arg in (*ins, *outs):
-            if arg.type != "tensor(float)":
-                raise FastVAEError(f"{self.path}: graph {arg.name!r} is {arg.type}, expected tensor(float)")
-        for arg, width in (
-            (ins[0], first_in),
-            *((o, self.in_dim) for o in outs[:1] if self.part == "decoder"),
+            want_in = [*want_in, ("y", 1, {})]
+        for kind, args, want in (
+            ("inputs", self.session.get_inputs(), want_in),
+            ("outputs", self.session.get_outputs(), want_out),
         ):
-            last = arg.shape[-1] if arg.shape else None
-            if isinstance(last, int) and last != width:
+            names, wanted = [a.name for a in args], [w[0] for w in want]
+            if names != wanted:
+                why = f" (metadata classes={self.classes})" if kind == "inputs" else ""
                 raise FastVAEError(
-                    f"{self.path}: graph {arg.name!r} has width {last}, the metadata says {width}"
+                    f"{self.path}: graph {kind} {', '.join(names)[:120]}; a fastvae {self.part} has "
+                    f"{', '.join(wanted)}{why}"
                 )
+            for arg, (name, rank, sizes) in zip(args, want):
+                dtype = "tensor(int64)" if name == "y" else "tensor(float)"
+                if arg.type != dtype:
+                    raise FastVAEError(f"{self.path}: graph {name!r} is {arg.type}, expected {dtype}")
+                shape = arg.shape if isinstance(arg.shape, list) else None
+                if shape is not None and len(shape) != rank:
+                    raise FastVAEError(
+                        f"{self.path}: graph {name!r} has {len(shape)} dimensions, expected {rank}"
+                    )
+                for axis, size in sizes.items():
+                    got = shape[axis] if shape is not None else None
+                    if isinstance(got, int) and got != size:
+                        raise FastVAEError(
+                            f"{self.path}: graph {name!r} has size {got} in dimension {axis}, the metadata says {size}"
+                        )
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``session.run`` whose failure (a graph that checks out but cannot run these feeds) or an output
+        of the wrong batch size is one FastVAEError line."""
+        try:
+            out = self.session.run(names, feeds)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise FastVAEError(
+                f"{self.path}: the model failed to run ({str(exc).splitlines()[0][:160]})"
+            ) from None
+        n = len(next(iter(feeds.values())))
+        for name, v in zip(names, out):
+            if not isinstance(v, np.ndarray) or v.shape[:1] != (n,):
+                raise FastVAEError(
+                    f"{self.path}: graph output {name!r} has shape {getattr(v, 'shape', None)} for {n} rows"
+                )
+        return out
 
     def check_x(self, x: np.ndarray) -> np.ndarray:
         """x (N, D) or (N, *data_shape) as contiguous float32 (N, D), validated."""
-        x = np.asarray(x)
+        x = real_array(x, "x")
         if x.dtype == np.uint8:
             x = x.astype(np.float32) / np.float32(255.0)
         if x.ndim < 2 or int(np.prod(x.shape[1:])) != self.in_dim:
@@ -145,16 +198,20 @@ class OnnxPart:
 
     def check_y(self, y: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
         """The labels feed of a conditional VAE's part for n rows: y (n,) integers in 0..C-1, checked (the
-        graph itself cannot refuse a label out of range); {} for an unconditional one, which takes none."""
+        graph itself cannot refuse a label out of range); {} for an unconditional one, which takes none.
+        Labels are an integer array, or floats with integer values; anything else (bool, strings, objects,
+        complex) is refused."""
         if not self.classes:
             if y is not None:
                 raise FastVAEError("labels apply to a conditional VAE; this model takes none")
             return {}
         if y is None:
             raise FastVAEError(f"a conditional VAE needs labels y in 0..{self.classes - 1}, one per row")
-        y = np.asarray(y)
-        if y.shape != (n,) or not (
-            np.issubdtype(y.dtype, np.integer) or (y.size and (y == np.round(y)).all())
+        y = real_array(y, "labels")
+        if (
+            y.shape != (n,)
+            or y.dtype.kind not in "iuf"
+            or (y.dtype.kind == "f" and not (y == np.round(y)).all())
         ):
             raise FastVAEError(f"labels must be {n} integers, got {y.dtype} {y.shape}")
         if y.size and (y.min() < 0 or y.max() >= self.classes):
@@ -164,6 +221,41 @@ class OnnxPart:
 
 MAX_THREADS = 1024
 MAX_WIDTH = 1 << 26  # features or latents per sample: 64 M, beyond any model worth exporting
+MAX_SEED = 2**63 - 1  # fastvae's seeds (fastvae.config.MAX_SEED): the keyed noise mixes 63 bits of them
+MAX_IW = MAX_SCORER_IW  # a scorer's importance samples (iw_k metadata)
+REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+
+
+def real_array(a, name: str) -> np.ndarray:
+    """``a`` as a numpy array of real numbers (bool, integer or float dtype), else one FastVAEError line:
+    casting would drop a complex array's imaginary part, parse strings and unpack objects."""
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise FastVAEError(f"{name} is not an array of numbers ({str(exc).splitlines()[0][:100]})") from None
+    if arr.dtype.kind not in REAL_KINDS:
+        raise FastVAEError(f"{name} must hold real numbers (bool, integer or float), got dtype {arr.dtype}")
+    return arr
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed: an integer in 0..MAX_SEED (not a bool, a float or a string). Within that range distinct
+    seeds key distinct noise; beyond it fastvae's 64-bit mixing would wrap (2**64 keys like 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise FastVAEError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r:.40}")
+    return int(seed)
+
+
+def meta_int(path: Path, meta: dict[str, str], key: str, default: int, hi: int) -> int:
+    """The integer metadata ``key`` (``default`` when absent), in 0..hi, else one FastVAEError line."""
+    raw = meta.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise FastVAEError(f"{path}: malformed {key} metadata {raw!r:.40} (expected an integer)") from None
+    if not 0 <= value <= hi:
+        raise FastVAEError(f"{path}: implausible metadata {key}={value!r:.40} (expected 0..{hi})")
+    return value
 
 
 def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
@@ -177,17 +269,6 @@ def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
     if not 0 < latent <= MAX_WIDTH or not ok_shape or int(np.prod(shape, dtype=np.float64)) > MAX_WIDTH:
         raise FastVAEError(f"{path}: implausible metadata latent_dim={latent!r:.20} data_shape={shape!r:.40}")
     return latent, shape
-
-
-def _classes(path: Path, meta: dict[str, str]) -> int:
-    """The ``classes`` metadata (0 when absent: exports from before conditional models), checked."""
-    try:
-        classes = int(meta.get("classes", "0"))
-    except ValueError:
-        raise FastVAEError(f"{path}: malformed classes metadata") from None
-    if not 0 <= classes <= MAX_WIDTH:
-        raise FastVAEError(f"{path}: implausible metadata classes={classes}")
-    return classes
 
 
 def read_labels(path: str | os.PathLike, n: int) -> np.ndarray:

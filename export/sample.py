@@ -20,7 +20,7 @@ import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError
-from fastvae.export.runtime import OnnxPart
+from fastvae.export.runtime import MAX_SEED, GraphIO, OnnxPart, check_seed, real_array
 from fastvae.images import SAMPLE_ROWS
 from fastvae.limits import available_bytes
 
@@ -28,15 +28,6 @@ CHUNK_ROWS = 1024
 SMALL_CHUNK = 256  # below this many rows a call reuses a cached binding (see Sampler._run)
 MAX_SAMPLES = 10_000_000
 MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
-MAX_SEED = 2**63 - 1
-
-
-def _seed(seed: int | None) -> int | None:
-    if seed is not None and (
-        not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED
-    ):
-        raise FastVAEError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r:.40}")
-    return seed
 
 
 class Sampler(OnnxPart):
@@ -52,9 +43,22 @@ class Sampler(OnnxPart):
         self.out_dim = self.in_dim
         self._io = self.session.io_binding()
         self._bindings: dict[int, tuple] = {}
-        self.rng = np.random.default_rng(_seed(seed))  # used by sample() calls that give no seed
+        # used by sample() calls that give no seed
+        self.rng = np.random.default_rng(None if seed is None else check_seed(seed))
         warm = np.zeros(1, np.int64) if self.classes else None
         self._run(np.zeros((1, self.latent_dim), dtype=np.float32), warm)  # warm-up
+
+    def graph_io(self) -> GraphIO:
+        return [("z", 2, {1: self.latent_dim})], [("x_prob", 2, {1: self.in_dim})]
+
+    def _run_bound(self, io) -> None:
+        """run_with_iobinding, a failure of the graph one FastVAEError line (as ``OnnxPart.run``)."""
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise FastVAEError(
+                f"{self.path}: the model failed to run ({str(exc).splitlines()[0][:160]})"
+            ) from None
 
     def labels(self, n: int, label: int | None = None) -> np.ndarray | None:
         """Labels for n samples of a conditional VAE: ``label`` for all, or row r of a SAMPLE_ROWS-wide grid
@@ -90,13 +94,13 @@ class Sampler(OnnxPart):
                 if y is not None:
                     io.bind_cpu_input("y", y[i : i + CHUNK_ROWS])
                 io.bind_output(self._output, "cpu", 0, np.float32, list(oc.shape), oc.ctypes.data)
-                self.session.run_with_iobinding(io)
+                self._run_bound(io)
             else:
                 io, zbuf, ybuf, obuf = self._bound(len(zc))
                 np.copyto(zbuf, zc)
                 if y is not None:
                     np.copyto(ybuf, y[i : i + CHUNK_ROWS])
-                self.session.run_with_iobinding(io)
+                self._run_bound(io)
                 np.copyto(oc, obuf)
         return out
 
@@ -121,7 +125,7 @@ class Sampler(OnnxPart):
     def decode(self, z: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """E[x|z] (E[x|z, y] for a conditional VAE, labels ``y`` (N,)) for z (N, Z): probabilities
         (Bernoulli) or means (Gaussian), (N, D) float32."""
-        z = np.asarray(z, dtype=np.float32)
+        z = real_array(z, "z").astype(np.float32, copy=False)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise FastVAEError(f"z must have shape (N, {self.latent_dim}), got {z.shape}")
         if not np.isfinite(z).all():
@@ -153,7 +157,7 @@ class Sampler(OnnxPart):
         if 8 * n * self.out_dim > available_bytes():
             raise FastVAEError(f"{n:,} samples of {self.out_dim:,} values do not fit in memory; draw fewer")
         y = self.labels(int(n), label)
-        rng = self.rng if seed is None else np.random.default_rng(_seed(seed))
+        rng = self.rng if seed is None else np.random.default_rng(check_seed(seed))
         if n < SMALL_CHUNK:  # small call: z is drawn straight into the bound input buffer
             io, z, ybuf, obuf = self._bound(int(n))
             rng.standard_normal(dtype=np.float32, out=z)
@@ -161,7 +165,7 @@ class Sampler(OnnxPart):
                 z *= np.float32(temperature)
             if y is not None:
                 np.copyto(ybuf, y)
-            self.session.run_with_iobinding(io)
+            self._run_bound(io)
             x = obuf.copy()
         else:
             z = rng.standard_normal((int(n), self.latent_dim), dtype=np.float32)
@@ -185,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastvae.export.sample", description=__doc__.splitlines()[0])
     p.add_argument("model", help="ONNX decoder written by `fastvae export`")
     p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help=f"0..{MAX_SEED} (default: a fresh one)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--bernoulli", action="store_true", help="draw binary pixels instead of probabilities")
     p.add_argument("--label", type=int, default=None,

@@ -20,7 +20,18 @@ import numpy as np
 
 from fastvae.errors import FastVAEError
 from fastvae.export import keyed_noise
-from fastvae.export.runtime import OnnxPart, check_out, input_labels, read_inputs, write_table
+from fastvae.export.runtime import (
+    MAX_IW,
+    MAX_SEED,
+    GraphIO,
+    OnnxPart,
+    check_out,
+    check_seed,
+    input_labels,
+    meta_int,
+    read_inputs,
+    write_table,
+)
 
 DECODED_ROWS = 16384  # rows x draws per call: the IW scorer decodes K rows per input row
 
@@ -32,11 +43,23 @@ class Scorer(OnnxPart):
 
     def __init__(self, path, threads: int | None = None) -> None:
         super().__init__(path, threads)
-        self.k = int(self.metadata.get("iw_k", "0"))
-        self.seed = int(self.metadata.get("eval_seed", "0"))
         self.chunk = max(1, min(1024, DECODED_ROWS // max(self.k, 1)))
         warm = np.zeros(1, np.int64) if self.classes else None
         self.score(np.zeros((1, self.in_dim), np.float32), y=warm)  # warm-up
+
+    def _read_metadata(self) -> None:
+        self.k = meta_int(self.path, self.metadata, "iw_k", 0, MAX_IW)
+        self.seed = meta_int(self.path, self.metadata, "eval_seed", 0, MAX_SEED)
+
+    def graph_io(self) -> GraphIO:
+        z, k = self.latent_dim, self.k
+        inputs = [
+            ("x", 2, {1: self.in_dim}),
+            ("eps", 2, {1: z}),
+            *([("eps_iw", 3, {1: k, 2: z})] if k else []),
+        ]
+        outputs = [(name, 1, {}) for name in ("neg_elbo", "rec", "kl", *(["iw_nll"] if k else []))]
+        return inputs, outputs
 
     def noise(self, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         """The noise inputs for input rows ``rows`` (their indices)."""
@@ -54,16 +77,23 @@ class Scorer(OnnxPart):
         ``y`` (N,) and bounds -log p(x|y)."""
         x = self.check_x(x)
         labels = self.check_y(y, len(x))
-        seed = self.seed if seed is None else int(seed)
-        if row_offset < 0:
-            raise FastVAEError(f"row_offset must be >= 0, got {row_offset}")
+        seed = self.seed if seed is None else check_seed(seed)
+        if (
+            isinstance(row_offset, bool)
+            or not isinstance(row_offset, (int, np.integer))
+            or not 0 <= row_offset <= MAX_SEED - len(x)
+        ):  # rows are int64 keys of the noise
+            raise FastVAEError(
+                f"row_offset must be an integer in 0..{MAX_SEED - len(x)}, got {row_offset!r:.40}"
+            )
+        row_offset = int(row_offset)
         out = {name: np.empty(len(x), np.float32) for name in self.outputs}
         for i in range(0, len(x), self.chunk):
             xc = x[i : i + self.chunk]
             rows = np.arange(row_offset + i, row_offset + i + len(xc), dtype=np.int64)
             for name, v in zip(
                 self.outputs,
-                self.session.run(
+                self.run(
                     self.outputs,
                     {"x": xc, **self.noise(rows, seed), **{k: v[i : i + len(xc)] for k, v in labels.items()}},
                 ),
@@ -77,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("model", help="ONNX scorer written by `fastvae export --part scorer [--iw K]`")
     p.add_argument("input", help=".npy / .npz file or a folder of PNG images")
     p.add_argument("--out", required=True, help=".csv (index and one column per score) or .npy (N, scores)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, help=f"noise seed, 0..{MAX_SEED} (default: the run's)")
     p.add_argument("--labels", help="conditional VAE: labels, a .npy or the y_test / y of a .npz (default: the "
                    "input's own, when it is a .npz that has them)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvae.config import MAX_SEED
+from fastvae.limits import MAX_SCORER_IW
 
 EXIT_USAGE = 2
 MAX_IMAGES = 100_000  # samples or interpolation steps drawn into one PNG
@@ -680,7 +681,7 @@ def _add_run_commands(sub) -> None:
     x.add_argument("run", help="run directory")
     x.add_argument("--part", choices=["decoder", "encoder", "scorer", "all"], default="decoder")
     x.add_argument("--out", required=True, help="ONNX file to write (a folder for --part all)")
-    x.add_argument("--iw", type=_int_at_least(0), default=0,
+    x.add_argument("--iw", type=_int_at_least(0, MAX_SCORER_IW), default=0,
                    help="scorer: also the K-sample importance-weighted NLL (eps_iw input (B, K, Z))")  # fmt: skip
     x.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization")
     x.add_argument("--int8-reduce-range", action="store_true",

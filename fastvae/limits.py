@@ -44,3 +44,10 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
+
+
+# Importance samples K of an exported scorer (``fastvae export --part scorer --iw K``): its graph takes a
+# row's K draws as one input and decodes them in one call, so K bounds that call's memory (16,384 draws of
+# a 784-pixel decoder: about 50 MB per activation), and the export's check against PyTorch stays minutes.
+# The IWAE paper's NLL uses K = 5,000; ``fastvae eval --iw`` (no such graph) goes further.
+MAX_SCORER_IW = 16_384

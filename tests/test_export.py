@@ -171,3 +171,8 @@ def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(run_dir, onnx_path
             "e.Encoder(sys.argv[2]).encode(np.zeros((2, 64))); assert 'torch' not in sys.modules; print('ok')")  # fmt: skip
     out = subprocess.run([py, "-c", code, str(sc), str(enc)], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "ok", out.stderr
+    # exporting is the full package's: one ImportError line (also a FastVAEError) says so
+    code = ("from fastvae.errors import FastVAEError\ntry:\n    from fastvae.export import export_decoder\n"
+            "except ImportError as exc:\n    assert isinstance(exc, FastVAEError)\n    print(exc)")  # fmt: skip
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.count("\n") == 1 and "full fastvae package" in out.stdout, out
