@@ -182,8 +182,8 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, hold: list[Any]) -> tuple[
 
 def data_digest(data: Dataset, labelled: bool) -> str:
     """BLAKE2b of what a run trains and evaluates on: x_train and x_test (and, for a conditional run, their
-    labels) as loaded, each array's dtype, shape and bytes. Computed once at the start of a run (MNIST:
-    about 0.1 s); a resume compares it, so data rewritten under the same path or name is refused."""
+    labels) as loaded, each array's dtype, shape and bytes. Computed once at the start of a run (MNIST's 55 MB:
+    0.5 s on a loaded 2-core machine); a resume compares it, so data rewritten under the same path is refused."""
     h = hashlib.blake2b(digest_size=32)
     parts = [data.x_train, data.x_test, *((data.y_train, data.y_test) if labelled else ())]
     for a in parts:
