@@ -368,10 +368,14 @@ class _Run:
         """Refuse a resume on data whose content differs from the run's (a file rewritten at the same path,
         another array of the same shape): the batches would silently differ from the recorded run's."""
         if old != self.doc["data_blake2b"]:
-            what = "records no data hash (an older fastvae)" if old is None else "was trained on other data"
+            why = (
+                "the run records no data hash: an older fastvae"
+                if old is None
+                else "its content hash differs"
+            )
             raise FastVAEError(
-                f"{self.run_dir}: --resume with different data content: {self.cfg.data_label} does not hash "
-                f"to what the run recorded (the run {what}); an exact resume needs the run's own data"
+                f"{self.run_dir}: --resume with different data content: {self.cfg.data_label} is not the data "
+                f"the run was trained on ({why}); an exact resume needs the run's own data"
             )
 
     def beta_at(self, step: int) -> float:

@@ -212,7 +212,7 @@ def test_a_rewritten_data_file_is_refused(tmp_path):
     y[3, 4, 5] = 255 - y[3, 4, 5]  # one pixel: the same path, shape and dtype
     np.savez(path, x_train=y[:500], x_test=y[500:])
     msg = _refused_data(tmp_path, path)
-    assert f"{path} does not hash to what the run recorded" in msg
+    assert f"{path} is not the data the run was trained on" in msg
     np.savez(path, x_train=x[:500], x_test=x[500:])  # the original content again: resumes
     assert train(_cfg(tmp_path, path, epochs=2, resume=True)).step == 2
 
@@ -221,7 +221,7 @@ def test_another_in_memory_array_of_the_same_shape_is_refused(tmp_path):
     x = _strokes(1, 500)
     train(_cfg(tmp_path, x, epochs=1, batch_size=450))
     msg = _refused_data(tmp_path, _strokes(2, 500), batch_size=450)
-    assert "<array (500, 8, 8) uint8> does not hash to what the run recorded" in msg
+    assert "<array (500, 8, 8) uint8> is not the data the run was trained on" in msg
     assert train(_cfg(tmp_path, x.copy(), epochs=2, batch_size=450, resume=True)).step == 2
 
 
