@@ -6,11 +6,19 @@ A run directory holds::
     model.safetensors      the latest weights
     metrics.jsonl          one JSON object per epoch
     samples.png, reconstructions.png
-    checkpoints/step-<N>/  model.safetensors, optimizer.safetensors, state.json (counters, RNG, checksums)
+    checkpoints/step-<N>/  model.safetensors, optimizer.safetensors, state.json (counters, RNG, the
+                           metrics lines it covers), manifest.json (the seal)
 
 Every file is written to a temporary name in the same folder, fsync'ed and renamed into place, and a
 checkpoint folder is renamed into place only when complete, so a crash (SIGKILL included) at any moment
 leaves either the previous checkpoint or the new one, never a broken one.
+
+A checkpoint is sealed as a whole: manifest.json lists the SHA-256 of every other file of its folder and
+carries a checksum of that list. A resume verifies the seal, that the folder holds exactly the listed
+files, and each file, before it believes any of them; state.json in turn holds the line count and SHA-256
+of metrics.jsonl as of the checkpoint. Checksums catch corruption and edits, not a forger who recomputes
+every one of them: the checks behind the seal (shapes, types, optimizer state for every parameter at the
+checkpoint's step) still run.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+# The manifest's format: a checkpoint without one (fastvae before the seal) cannot be verified.
+MANIFEST_FORMAT = "fastvae-checkpoint/2"
 # Test hook: seconds to pause inside each checkpoint write (tests kill the process in that window).
 PAUSE_ENV = "FASTVAE_CHECKPOINT_PAUSE"
 # The optimizer state tensors that must match their parameter's shape and dtype (Adam's and SGD's).
@@ -95,18 +108,24 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
 
 
-def load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking its SHA-256: a missing checksum is an error too, since
+def read_verified(path: Path, expected_sha256: str | None, what: str) -> bytes:
+    """The bytes of a file whose SHA-256 is ``expected_sha256``: a missing checksum is an error too, since
     an unverified file could be anything (zeroed weights load without complaint)."""
-    check_regular_file(path, "weights file")
+    check_regular_file(path, what)
     if not isinstance(expected_sha256, str):
         raise FastVAEError(f"{path}: no checksum is recorded for it, so it cannot be verified")
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise FastVAEError(f"{path}: cannot read the weights file ({exc.strerror})") from None
+        raise FastVAEError(f"{path}: cannot read the {what} ({exc.strerror})") from None
     if sha256(data) != expected_sha256:
         raise FastVAEError(f"{path}: checksum mismatch (the file is truncated or was modified)")
+    return data
+
+
+def load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its SHA-256 (see ``read_verified``)."""
+    data = read_verified(path, expected_sha256, "weights file")
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -196,18 +215,13 @@ def save_checkpoint(
         model_bytes = tensors_to_bytes(model.state_dict())
         opt_tensors, opt_meta = optimizer_to_tensors(opt)
         opt_bytes = tensors_to_bytes(opt_tensors)
-        for name, data in ((WEIGHTS_FILE, model_bytes), ("optimizer.safetensors", opt_bytes)):
+        for name, data in ((WEIGHTS_FILE, model_bytes), (OPTIMIZER_FILE, opt_bytes)):
             atomic_write_bytes(tmp / name, data)
             pause = _write_pause()
             if pause:  # fault injection for the tests: hold the write open so a kill lands mid-write
                 time.sleep(pause)
-        doc = {
-            **state,
-            "step": step,
-            "optimizer": opt_meta,
-            "sha256": {WEIGHTS_FILE: sha256(model_bytes), "optimizer.safetensors": sha256(opt_bytes)},
-        }
-        atomic_write_json(tmp / "state.json", doc)
+        atomic_write_json(tmp / STATE_FILE, {**state, "step": step, "optimizer": opt_meta})
+        seal_checkpoint(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -222,6 +236,48 @@ def save_checkpoint(
     return final
 
 
+def _manifest_seal(files: dict[str, str]) -> str:
+    """The manifest's own checksum: SHA-256 of its format and file list in canonical JSON."""
+    body = {"format": MANIFEST_FORMAT, "files": files}
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def seal_checkpoint(folder: Path) -> None:
+    """Write ``folder``/manifest.json: the SHA-256 of every other file in the folder, and the seal."""
+    files = {p.name: sha256(p.read_bytes()) for p in sorted(folder.iterdir()) if p.name != MANIFEST_FILE}
+    atomic_write_json(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files,
+                                               "seal": _manifest_seal(files)})  # fmt: skip
+
+
+def _checked_manifest(ckpt: Path) -> dict[str, str]:
+    """The file checksums of a checkpoint's manifest, after checking its seal and that the folder holds
+    exactly the files it lists (no file added, none missing)."""
+    where = ckpt / MANIFEST_FILE
+    if not where.exists() and (ckpt / STATE_FILE).exists():
+        raise FastVAEError(
+            f"{ckpt}: no {MANIFEST_FILE} (a checkpoint of a fastvae before sealed checkpoints); it cannot "
+            "be verified, so it is not resumed from"
+        )
+    doc = read_json(where, "checkpoint manifest")
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if (
+        not isinstance(files, dict)
+        or doc.get("format") != MANIFEST_FORMAT
+        or not all(isinstance(v, str) for v in files.values())
+    ):
+        raise FastVAEError(f"{where}: not a {MANIFEST_FORMAT} manifest")
+    if doc.get("seal") != _manifest_seal(files):
+        raise FastVAEError(f"{where}: does not match its seal (the manifest was edited)")
+    needed = {WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE}
+    if set(files) != needed:
+        raise FastVAEError(
+            f"{where}: lists {', '.join(sorted(files)) or 'no files'}, not {', '.join(sorted(needed))}"
+        )
+    for name in sorted({p.name for p in ckpt.iterdir()} - needed - {MANIFEST_FILE}):
+        raise FastVAEError(f"{ckpt / name}: not part of the sealed checkpoint (a file was added)")
+    return files  # a listed file that is missing fails its own read
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if root.exists() and not root.is_dir():
@@ -232,11 +288,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model tensors, optimizer state_dict, state.json) of one checkpoint folder, all verified."""
-    state = _checked_state(ckpt, read_json(ckpt / "state.json", "checkpoint state"))
-    sums = state["sha256"]
-    model_t = load_tensors(ckpt / WEIGHTS_FILE, sums.get(WEIGHTS_FILE))
-    opt_t = load_tensors(ckpt / "optimizer.safetensors", sums.get("optimizer.safetensors"))
+    """(model tensors, optimizer state_dict, state.json) of one checkpoint folder, all verified: the
+    manifest's seal first, then every file against it, then what each holds."""
+    sums = _checked_manifest(ckpt)
+    raw = read_verified(ckpt / STATE_FILE, sums[STATE_FILE], "checkpoint state")
+    try:
+        state = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FastVAEError(f"{ckpt / STATE_FILE}: checkpoint state is not valid JSON ({exc})") from None
+    state = _checked_state(ckpt, state)
+    model_t = load_tensors(ckpt / WEIGHTS_FILE, sums[WEIGHTS_FILE])
+    opt_t = load_tensors(ckpt / OPTIMIZER_FILE, sums[OPTIMIZER_FILE])
     try:
         opt_sd = optimizer_from_tensors(opt_t, state["optimizer"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -257,7 +319,8 @@ _STATE_SCHEMA: dict[str, tuple[tuple[type, ...], Any, str]] = {
         "torch's CPU RNG state (a list of bytes)",
     ),
     "optimizer": ((dict,), lambda v: isinstance(v.get("param_groups"), list), "an object with param_groups"),
-    "sha256": ((dict,), lambda v: all(isinstance(x, str) for x in v.values()), "an object of checksums"),
+    "metrics_lines": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "metrics_sha256": ((str,), lambda v: len(v) == 64, "a SHA-256 hex digest"),
 }
 
 
@@ -299,6 +362,28 @@ def check_optimizer_state(opt_sd: dict[str, Any], params: list[torch.nn.Paramete
                 raise FastVAEError(f"{source}: optimizer state {idx}.step must be a 0-d finite count >= 0")
 
 
+# float32 counts every integer up to here: Adam's step counter is exact below it.
+_EXACT_COUNT = 2**24
+
+
+def check_optimizer_progress(opt_sd: dict[str, Any], n_params: int, step: int, source: Path) -> None:
+    """After ``step`` optimizer steps Adam holds state for every parameter, each counted ``step`` times:
+    an empty or partial optimizer file would otherwise resume with fresh moments, silently."""
+    state = opt_sd["state"]
+    missing = [i for i in range(n_params) if i not in state]
+    if step > 0 and missing:
+        raise FastVAEError(
+            f"{source}: no optimizer state for parameter(s) {missing[:4]} after {step} steps (the optimizer "
+            "file is empty or partial)"
+        )
+    for idx, entries in state.items():
+        count = entries.get("step")
+        if torch.is_tensor(count) and step < _EXACT_COUNT and count.item() != step:
+            raise FastVAEError(
+                f"{source}: optimizer state {idx}.step counts {count.item():g} steps, the checkpoint {step}"
+            )
+
+
 def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Load the newest checkpoint that verifies; older ones are tried if the newest is broken."""
     errors = []
@@ -306,7 +391,9 @@ def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optim
         try:
             model_t, opt_sd, state = load_checkpoint(path)
             load_state_into(model, model_t, path / WEIGHTS_FILE)
-            check_optimizer_state(opt_sd, [p for g in opt.param_groups for p in g["params"]], path)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            check_optimizer_state(opt_sd, params, path)
+            check_optimizer_progress(opt_sd, len(params), state["step"], path)
             try:
                 opt.load_state_dict(opt_sd)
             except (ValueError, KeyError, TypeError) as exc:

@@ -6,11 +6,12 @@ Files of a run (``fastvae.checkpoint`` writes them atomically)::
     model.safetensors      the latest weights
     metrics.jsonl          one JSON object per epoch
     samples.png, reconstructions.png
-    checkpoints/step-<N>/  model.safetensors, optimizer.safetensors, state.json
+    checkpoints/step-<N>/  model.safetensors, optimizer.safetensors, state.json, manifest.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model
 from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
 from fastvae.config import TrainConfig, VAEConfig, describe_data
-from fastvae.data import DeviceData, is_in_memory, label_classes, load_dataset
+from fastvae.data import Dataset, DeviceData, is_in_memory, label_classes, load_dataset
 from fastvae.distributed import DistInfo
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import eval_rows
@@ -178,6 +180,19 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, hold: list[Any]) -> tuple[
     return out, cfg.resume and bool(ckpt.list_checkpoints(out))  # killed before a checkpoint: start over
 
 
+def data_digest(data: Dataset, labelled: bool) -> str:
+    """BLAKE2b of what a run trains and evaluates on: x_train and x_test (and, for a conditional run, their
+    labels) as loaded, each array's dtype, shape and bytes. Computed once at the start of a run (MNIST's 55 MB:
+    0.5 s on a loaded 2-core machine); a resume compares it, so data rewritten under the same path is refused."""
+    h = hashlib.blake2b(digest_size=32)
+    parts = [data.x_train, data.x_test, *((data.y_train, data.y_test) if labelled else ())]
+    for a in parts:
+        a = np.ascontiguousarray(a) if a is not None else np.zeros(0)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    return h.hexdigest()
+
+
 LOCK_FILE = ".lock"
 
 
@@ -199,22 +214,34 @@ def _lock(run_dir: Path) -> Any:
     return f
 
 
-def trim_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the metrics lines the checkpoint of ``step`` covers (a later one may come from lost steps)."""
+def metrics_record(run_dir: Path) -> tuple[int, str]:
+    """(lines, SHA-256) of metrics.jsonl as it is now: a checkpoint records them, so that a resume can
+    tell the lines it covers from lines edited or written after it."""
     path = run_dir / ckpt.METRICS_FILE
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        step_of = rec.get("step") if isinstance(rec, dict) else None
-        if isinstance(step_of, int) and not isinstance(step_of, bool) and step_of <= step:
-            kept.append(rec)
-    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    return kept
+    data = path.read_bytes() if path.exists() else b""
+    return data.count(b"\n"), ckpt.sha256(data)
+
+
+def restore_metrics(run_dir: Path, state: dict[str, Any], source: Path) -> list[dict[str, Any]]:
+    """Cut metrics.jsonl back to the lines the checkpoint ``source`` (its ``state``) covers, after checking
+    them against its checksum (later lines may come from steps that are redone); its records."""
+    path, n = run_dir / ckpt.METRICS_FILE, state["metrics_lines"]
+    try:
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as exc:
+        raise FastVAEError(f"{path}: cannot read the metrics ({exc.strerror})") from None
+    lines = data.splitlines(keepends=True)[:n]
+    if ckpt.sha256(b"".join(lines)) != state["metrics_sha256"]:  # fewer lines, or other bytes
+        raise FastVAEError(
+            f"{path}: its first {n} lines do not match the checksum in checkpoint {source.name} (the file was "
+            "edited, cut or replaced); restore it, or start a new run"
+        )
+    try:
+        records = [json.loads(line) for line in lines]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FastVAEError(f"{path}: a line is not valid JSON ({exc})") from None
+    ckpt.atomic_write_bytes(path, b"".join(lines))
+    return records
 
 
 def append_metrics(run_dir: Path, rec: dict[str, Any]) -> None:

@@ -28,13 +28,21 @@ from tqdm import tqdm
 import fastvae
 from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model, resolve_backend, set_threads
-from fastvae.config import TrainConfig
+from fastvae.config import TrainConfig, VAEConfig
 from fastvae.data import DeviceData, label_classes, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
 from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
 from fastvae.errors import FastVAEError, Preempted
 from fastvae.evaluate import elbo_stats
-from fastvae.runs import append_metrics, prepare_run_dir, read_run_config, trim_metrics, write_images
+from fastvae.runs import (
+    append_metrics,
+    data_digest,
+    metrics_record,
+    prepare_run_dir,
+    read_run_config,
+    restore_metrics,
+    write_images,
+)
 from fastvae.schedules import epoch_permutation, kl_beta, sample_ids, scheduled_lr, step_noise
 
 # The engine reads its loss back (one host sync) every this many steps, and checks it is finite.
@@ -201,9 +209,21 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     """Train a VAE; see :class:`TrainConfig` for the settings (keyword overrides are applied to it).
 
     SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) ends the current step, writes a checkpoint and
-    raises :class:`Preempted`; a second signal interrupts at once."""
+    raises :class:`Preempted`; a second signal interrupts at once.
+
+    torch's thread count is set for the run and restored afterwards (on an error too); the model comes
+    back in eval mode."""
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
-    set_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    try:
+        set_threads(cfg.threads)
+        return _train(cfg)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> RunResult:
     info = setup(cfg.device)
     locks: list[Any] = []  # the run directory's lock, held while this training runs
     try:
@@ -271,6 +291,7 @@ class _Run:
             "model": self.model_cfg.to_dict(),
             "train": cfg.to_dict(),
             "fastvae_version": fastvae.__version__,
+            "data_blake2b": data_digest(data, self.model_cfg.conditional),  # checked on --resume
         }
         # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
         self.step, self.metrics, self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0, [], 0.0, 0.0, 0
@@ -308,11 +329,8 @@ class _Run:
 
     def _resume(self) -> None:
         old_model, old_doc = read_run_config(self.run_dir)
-        if old_model != self.model_cfg:
-            raise FastVAEError(
-                f"{self.run_dir}: the run was trained with a different model config; cannot resume"
-            )
-        self._check_same_recipe(old_doc.get("train", {}))
+        self._check_same_recipe(old_model, old_doc.get("train", {}))
+        self._check_same_data(old_doc.get("data_blake2b"))
         state = ckpt.restore_latest(self.run_dir, self.model, self.opt)
         self.step, self.epoch_loss, self.epoch_seconds = (
             state["step"],
@@ -322,22 +340,42 @@ class _Run:
         self.epoch_steps = state["epoch_steps"]
         if self.info.is_main:
             tqdm.write(f"fastvae: resuming {self.run_dir} from step {self.step}", file=sys.stderr)
-            self.metrics = trim_metrics(self.run_dir, self.step)
+            source = self.run_dir / ckpt.CHECKPOINT_DIR / f"step-{self.step:09d}"
+            self.metrics = restore_metrics(self.run_dir, state, source)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
-    def _check_same_recipe(self, old: dict[str, Any]) -> None:
+    def _check_same_recipe(self, old_model: VAEConfig, old: dict[str, Any]) -> None:
         """Refuse a resume whose settings would not continue the recorded run exactly: a changed lr, seed,
-        batch or data would silently make a run that matches neither its record nor any fresh run."""
-        fixed = list(RESUME_FIXED)
+        batch, model or data would silently make a run that matches neither its record nor any fresh run.
+        Every differing setting is named: the training settings, then the model's fields they imply."""
+        fixed = [*RESUME_FIXED, "conditional"]
         if self.cfg.lr_schedule != "constant":  # the schedule's length is part of it
             fixed += ["epochs", "max_steps"]
         new = self.cfg.to_dict()
-        changed = [k for k in fixed if k in old and old[k] != new[k]]
+        changed = {k: (new[k], old[k]) for k in fixed if k in old and old[k] != new[k]}
+        model_new, model_old = self.model_cfg.to_dict(), old_model.to_dict()
+        for f in dataclasses.fields(VAEConfig):
+            if f.compare and f.name not in changed and model_new[f.name] != model_old[f.name]:
+                changed[f.name] = (model_new[f.name], model_old[f.name])
         if changed:
-            parts = ", ".join(f"{k} {new[k]!r} (the run has {old[k]!r})" for k in changed)
+            parts = ", ".join(f"{k} {a!r} (the run has {b!r})" for k, (a, b) in changed.items())
             raise FastVAEError(
                 f"{self.run_dir}: --resume with a different {parts}; an exact resume needs the run's own "
                 "settings (start a new run to change them)"
+            )
+
+    def _check_same_data(self, old: Any) -> None:
+        """Refuse a resume on data whose content differs from the run's (a file rewritten at the same path,
+        another array of the same shape): the batches would silently differ from the recorded run's."""
+        if old != self.doc["data_blake2b"]:
+            why = (
+                "the run records no data hash: an older fastvae"
+                if old is None
+                else "its content hash differs"
+            )
+            raise FastVAEError(
+                f"{self.run_dir}: --resume with different data content: {self.cfg.data_label} is not the data "
+                f"the run was trained on ({why}); an exact resume needs the run's own data"
             )
 
     def beta_at(self, step: int) -> float:
@@ -357,6 +395,8 @@ class _Run:
                 f"rank(s), batch {self.cfg.batch_size}, {self.total_steps} steps -> {self.run_dir}"
             )
         self.model.train()
+        if self._epoch_end_pending():  # stopped (SIGTERM) after an epoch's last step: end that epoch now
+            self._end_epoch((self.step - 1) // self.steps_per_epoch)
         deadline = None if self.cfg.time_limit is None else time.monotonic() + self.cfg.time_limit
         while self.step < self.total_steps:
             self._epoch(self.step // self.steps_per_epoch, deadline)
@@ -365,7 +405,15 @@ class _Run:
             ckpt.write_weights(self.run_dir, self.model, {**self.doc, "final_test_neg_elbo": final})
             write_images(self.model, self.test_data, self.run_dir, self.cfg.seed, self.cfg.binarize)
         self.info.barrier()
+        self.model.eval()  # returned for use: sampling and encoding, not more training
         return RunResult(self.run_dir, self.model, self.metrics, self.step, self.info.rank)
+
+    def _epoch_end_pending(self) -> bool:
+        """Whether the checkpoint resumed from was written after the last step of an epoch (or of the run)
+        but before that epoch's end: a preemption checkpoints at once, and the end (evaluation, metrics
+        line) is done on resume, from the same parameters, as in an uninterrupted run."""
+        done = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
+        return self.epoch_steps > 0 and done
 
     def _epoch(self, epoch: int, deadline: float | None) -> None:
         """Steps of one epoch (or of its rest, when resumed), then the epoch's end."""
@@ -476,6 +524,7 @@ class _Run:
                 "fastvae_version": fastvae.__version__,
                 "config": self.doc,
             }
+            state["metrics_lines"], state["metrics_sha256"] = metrics_record(self.run_dir)
             ckpt.save_checkpoint(
                 self.run_dir, self.step, self.model, self.opt, state, self.cfg.keep_checkpoints
             )

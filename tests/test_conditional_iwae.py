@@ -151,7 +151,7 @@ def test_conditional_iwae_training_resumes_exactly(tmp_path, labelled_npz, engin
 
 def test_resume_with_another_objective_is_refused(tmp_path, labelled_npz):
     train(_cfg(tmp_path, labelled_npz, epochs=1, max_steps=3))
-    with pytest.raises(FastVAEError, match="different model config"):
+    with pytest.raises(FastVAEError, match=r"different k 4 \(the run has 3\)"):
         train(_cfg(tmp_path, labelled_npz, epochs=1, k=4, resume=True))
 
 
