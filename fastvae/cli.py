@@ -692,25 +692,29 @@ def _add_run_commands(sub) -> None:
     _add_compare(sub)
 
     b = sub.add_parser(
-        "bench", help="time whole training steps of fastvae against eager, compile and CUDA graphs"
+        "bench", help="time whole training steps of fastvae against the pytorch/examples loop, eager, compile "
+        "and CUDA graphs"
     )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--full", action="store_true",
                    help="the full grid (3 presets x batches 128 1024 16384) on the CPU too; the CPU default is "
                         "bounded to a few minutes (pytorch-example, batches 128 1024, fp32)")  # fmt: skip
     b.add_argument("--presets", nargs="+", default=None, help="default: the grid's")
-    b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=None)
+    b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=None, help="default: the grid's")
     b.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
                    help="default: fp32 tf32 bf16 on CUDA, fp32 on the CPU")  # fmt: skip
     b.add_argument(
-        "--steps", type=_int_at_least(5), default=None, help="timed steps per cell (200 GPU, 30 CPU)"
+        "--steps", type=_int_at_least(5), default=None, help="timed steps per cell (default: 200 on a GPU, 30 on a CPU)"
     )
-    b.add_argument("--warmup", type=_int_at_least(0), default=None)
-    b.add_argument("--rounds", type=_int_at_least(1), default=None, help="interleaved timing rounds (5)")
+    b.add_argument("--warmup", type=_int_at_least(0), default=None,
+                   help="untimed steps per contender (default: 20 on a GPU, 5 on a CPU)")  # fmt: skip
+    b.add_argument("--rounds", type=_int_at_least(1), default=None, help="interleaved timing rounds (default: 5)")
     b.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="torch CPU threads (default torch's; recorded either way)")  # fmt: skip
+                   help="CPU threads for torch, as for train (default: $OMP_NUM_THREADS, else 1; recorded)")  # fmt: skip
     b.add_argument("--no-epoch", action="store_true", help="skip the full-MNIST-epoch timing")
-    b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
+    b.add_argument("--out", default=None,
+                   help="JSON record, a new file: an existing one is refused (default: "
+                        "fastvae-bench-<device>-<date>-<time>.json in the current folder)")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser(
