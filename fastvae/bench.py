@@ -23,7 +23,6 @@ minimum bytes, and the time of its GEMM shapes alone through cuBLAS as a lower b
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import torch
 
 from fastvae import bench_dynamo
 from fastvae.bench_contenders import CPU_CONTENDERS, STEP_CONTENDERS, Contender, make_contender
-from fastvae.bench_report import format_table, machine, slug
+from fastvae.bench_report import format_table, machine, new_record_path, save_record, slug
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
 from fastvae.errors import FastVAEError
@@ -336,7 +335,7 @@ def run_bench(
                     print_fn("  full MNIST epochs ...")
                     record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
                 del keep
-                _save(path, record)
+                save_record(path, record)
     if grid.epoch and "mnist_epoch" not in record:
         print_fn("  full MNIST epochs (pytorch-example, batch 128, fp32) ...")
         keep = {}
@@ -346,7 +345,7 @@ def run_bench(
     record["wall_s"] = time.perf_counter() - t0
     record["load_avg_1min"] = {"start": load0, "end": _load()}  # > cpu_cores: others shared the cores
     record["complete"] = True
-    _save(path, record)
+    save_record(path, record)
     print_fn(format_table(record))
     print_fn(f"record: {path}")
     return record
@@ -374,24 +373,9 @@ def _for_cell(contenders: tuple[str, ...], preset_name: str, dtype: str) -> tupl
 
 
 def record_path(out: str | None, record: dict[str, Any]) -> Path:
-    """Where the record goes: ``out``, or a new timestamped file in the current folder. Never an existing
-    file (the committed records in benchmarks/results/ are kept), and the folder must be writable: both
-    are checked before any timing."""
-    from fastvae.atomic import check_writable
-
-    if out is None:
-        name = slug(record["device"]) if record["device_type"] == "cuda" else f"cpu-{slug(record['device'])}"
-        out = f"fastvae-bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path = check_writable(out)
-    if path.exists():
-        raise FastVAEError(f"{out}: exists; the bench writes a new record (give another --out, or move it)")
-    return path
-
-
-def _save(path: Path, record: dict[str, Any]) -> None:
-    from fastvae.atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+    """``out``, or ``fastvae-bench-<device>-<time>.json`` here; never an existing file (checked first)."""
+    name = slug(record["device"]) if record["device_type"] == "cuda" else f"cpu-{slug(record['device'])}"
+    return new_record_path(out, f"fastvae-bench-{name}")
 
 
 def main_args(a) -> int:

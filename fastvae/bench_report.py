@@ -57,6 +57,30 @@ def machine(device: torch.device) -> dict[str, Any]:
     return rec
 
 
+def new_record_path(out: str | None, stem: str) -> Path:
+    """Where a benchmark writes its record: ``out``, or ``<stem>-<date>-<time>.json`` in the current folder.
+    Never an existing file (the committed records in benchmarks/results/ are kept), and in a writable
+    folder; both checked before any timing (FastVAEError otherwise)."""
+    from fastvae.atomic import check_writable
+    from fastvae.errors import FastVAEError
+
+    if out is None:
+        out = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = check_writable(out)
+    if path.exists():
+        raise FastVAEError(f"{out}: exists; a benchmark writes a new record (give another --out, or move it)")
+    return path
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """The record so far, replacing the last save atomically: a late failure keeps what was measured."""
+    import json
+
+    from fastvae.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "device"
 

@@ -246,3 +246,52 @@ def test_bench_default_record_is_a_new_file_and_each_cell_is_saved_at_once(tmp_p
 
     with pytest.raises(FastVAEError, match="exists"):
         bench.record_path(str(files[0]), rec)
+
+
+def _bench_script(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(root))  # bench_parts imports bench_sampler
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["bench_sampler", "bench_parts"])
+def test_bench_scripts_check_run_and_out_before_any_work(tmp_path, capsys, monkeypatch, script):
+    mod = _bench_script(script)
+    monkeypatch.setattr(mod, "_interleaved_medians", lambda *a, **k: pytest.fail("timed before the checks"))
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    assert mod.main(["--run", str(tmp_path / "nope"), "--out", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and old.read_text() == "{}"
+    assert mod.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "new.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run directory" in err[0]
+    assert not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.slow  # about 2 minutes on a loaded 2-core machine: an export and two cold Python starts
+def test_bench_sampler_takes_a_relative_run_and_saves_each_batch(tmp_path, monkeypatch, tiny_npz):
+    """`--run runs/x` (relative) used to crash in the cold-start processes, which run in another folder,
+    after minutes of timing, losing every row."""
+    import json
+
+    from fastvae import train
+
+    mod = _bench_script("bench_sampler")
+    monkeypatch.chdir(tmp_path)
+    train(data=str(tiny_npz), out="runs/tiny", hidden_dims=(8,), latent_dim=2, max_steps=3, batch_size=50,
+          device="cpu", progress=False, backend="torch")  # fmt: skip
+    monkeypatch.setattr(mod, "BATCHES", (1, 4))
+    monkeypatch.setattr(mod, "_interleaved_medians", lambda fns, b, rounds=6: {k: (fns[k](), 1e-3)[1] for k in fns})
+    cold = mod._cold_start
+    monkeypatch.setattr(mod, "_cold_start", lambda code: cold(code, runs=1))
+    assert mod.main(["--run", "runs/tiny", "--threads", "1", "--out", "rec.json"]) == 0
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["complete"] and [r["batch"] for r in rec["rows"]] == [1, 4] and rec["cold_start_s"]["torch"] > 0
