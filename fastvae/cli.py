@@ -56,7 +56,27 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     """Print one error line (from rank 0 alone under torchrun, so a bad flag is reported once)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"fastvae: error: {message}", file=sys.stderr)
+    _tell_torchrun(f"fastvae: error: {message}")
     return code
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, put the error line in this worker's error file ($TORCHELASTIC_ERROR_FILE, in the
+    layout of torch.distributed.elastic's ErrorHandler): torchrun's closing ChildFailedError report then
+    shows it as the root cause, where it would say "To enable traceback see: ...". torchrun still prints
+    that report, with its own traceback, whenever a worker exits non-zero: it offers no switch to quiet it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    from fastvae.atomic import atomic_write_bytes
+
+    doc = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        atomic_write_bytes(path, json.dumps(doc).encode())
+    except OSError:  # the report then reads as it would without the file; the line is already on stderr
+        pass
 
 
 # ---- typed flag values ------------------------------------------------------------------------------

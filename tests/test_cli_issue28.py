@@ -142,3 +142,37 @@ def test_sample_writes_samples_png_in_the_current_folder_by_default(capsys, stro
     assert main(["sample", str(strokes[0]), "-n", "4", "--device", "cpu"]) == 0
     assert (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in capsys.readouterr().out
     assert (strokes[0] / "samples.png").read_bytes() == run_samples  # the run's own record is untouched
+
+
+# ---- torchrun ------------------------------------------------------------------------------------------
+def test_error_line_becomes_torchruns_root_cause(tmp_path, monkeypatch, capsys):
+    """The worker's error file, read back by torch.distributed.elastic itself: its ChildFailedError report
+    names fastvae's line instead of "To enable traceback see: ..."."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    assert main(["train", "--epochs", "0"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fastvae: error:") and "--epochs" in line
+    report = ChildFailedError("fastvae", {0: ProcessFailure(0, 1, 2, str(path))}).format_msg()
+    assert f"traceback : {line}" in report and "To enable traceback" not in report
+
+
+@pytest.mark.slow  # two torch processes and torchrun: a minute on a loaded 2-core machine
+def test_torchrun_bad_flag_gives_one_fastvae_line_and_names_it_as_root_cause(tmp_path):
+    """What a user sees under torchrun (gloo, 2 CPU ranks): fastvae's line once, then torchrun's own
+    ChildFailedError report (which torchrun always prints for a failed worker) naming that line."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0",
+           "--monitor-interval=0.5", "-m", "fastvae", "train", "--epochs", "0", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("fastvae: error:")]
+    assert len(ours) <= 1 and all("--epochs" in ln for ln in ours)
+    root = proc.stderr.split("Root Cause")[1]
+    assert "traceback : fastvae: error: fastvae train: argument --epochs" in root, proc.stderr
