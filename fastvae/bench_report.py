@@ -194,9 +194,9 @@ def _footnotes(record: dict[str, Any], flagged: list, names: list[str], cuda: bo
     out += _epoch_notes(record)
     if record.get("skipped"):
         out.append("skipped here: " + "; ".join(record["skipped"]))
-    load = record.get("load_avg_1min") or {}
-    out.append(f"wall time of the run: {record.get('wall_s', 0):.0f} s; 1-min load average {load.get('start')} at "
-               f"the start, {load.get('end')} at the end, on {record.get('cpu_cores')} cores")  # fmt: skip
+    load = {k: "?" if v is None else f"{v:.1f}" for k, v in (record.get("load_avg_1min") or {}).items()}
+    out.append(f"wall time of the run: {record.get('wall_s', 0):.0f} s; 1-min load average {load.get('start', '?')} "
+               f"at the start, {load.get('end', '?')} at the end, on {record.get('cpu_cores')} cores")  # fmt: skip
     return out
 
 
