@@ -9,7 +9,8 @@ onnxruntime's intra-op threads), inputs made beforehand (the same z / x / eps fo
 Then int8 accuracy with and without reduce_range against fp32 (what decides the default), a bf16
 reference point (torch eager in bf16: oneDNN on AVX-512 bf16; onnxruntime's CPU provider has no bf16
 Gemm), and the anomaly AUC of the scorer (scrambled digits against held-out test digits) from PyTorch,
-ONNX fp32 and ONNX int8. Writes benchmarks/results/cpu-parts.json.
+ONNX fp32 and ONNX int8. Writes a new record (--out, or cpu-parts-<date>-<time>.json in the current folder;
+an existing file is refused, so benchmarks/results/cpu-parts.json is kept), rewritten after each section.
 """
 
 from __future__ import annotations
@@ -51,18 +52,31 @@ def main(argv=None) -> int:
     p.add_argument("--bench-iw", type=int, default=10, help="K of the IW scorer that is timed")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--auc-n", type=int, default=1000, help="images per class for the AUC")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu-parts.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON record, a new file (default: cpu-parts-<date>-<time>.json in the current folder)")  # fmt: skip
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    from fastvae.errors import FastVAEError
 
+    try:
+        return _bench(a)
+    except FastVAEError as exc:  # a bad --run or --out: one line, before any timing
+        print(f"bench_parts: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench(a: argparse.Namespace) -> int:
     import onnxruntime as ort
     import torch
 
+    from fastvae.bench_report import new_record_path, save_record
     from fastvae.export import Scorer
     from fastvae.export import onnx_export as ox
     from fastvae.runs import load_run
     from fastvae.toolkit import anomaly_scores, roc_auc
 
+    out = new_record_path(a.out, "cpu-parts").resolve()
+    a.run = str(Path(a.run).resolve())
     torch.set_num_threads(a.threads)
     run = load_run(a.run)
     model = run.model.float().eval()
@@ -103,6 +117,7 @@ def main(argv=None) -> int:
                 }
         print(f"exported {name}", flush=True)
     record["int8_accuracy"] = accuracy
+    save_record(out, record)
 
     # ---- throughput ---------------------------------------------------------------------------------
     x_all = run.test_images(0, max(BATCHES)).float().flatten(1)
@@ -138,6 +153,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     record["throughput"] = throughput
+    save_record(out, record)
 
     # ---- bf16 reference point: torch eager (oneDNN) decoder and encoder at batch 1024 --------------------
     bf = {}
@@ -175,6 +191,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         bf["onnxruntime_bf16_matmul"] = f"not available: {str(exc).splitlines()[0][:200]}"
     record["bf16"] = bf
+    save_record(out, record)
     print(json.dumps(bf), flush=True)
 
     # ---- anomaly AUC: scrambled digits against held-out test digits -----------------------------------
@@ -225,8 +242,9 @@ def main(argv=None) -> int:
     }
     print(json.dumps(record["auc"], indent=1), flush=True)
     record["date"] = time.strftime("%Y-%m-%d %H:%M")
-    Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    record["complete"] = True
+    save_record(out, record)
+    print(f"wrote {out}")
     return 0
 
 

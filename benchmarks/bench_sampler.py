@@ -8,12 +8,15 @@ torch.randn for PyTorch under inference_mode), and samples/s from that median. T
 the cold start: a new Python process that imports, loads the model and draws its first 64 samples,
 timed from outside (interpreter start included), median of 5. Without --run, a pytorch-example model is
 trained for one epoch first (speed does not depend on how well it is trained).
+
+The record goes to a new file (--out, or cpu-sampler-<date>-<time>.json in the current folder; an existing
+file is refused, so the committed records in benchmarks/results/ are kept), rewritten after every batch
+size, so a late failure keeps what was measured. --run and --out are checked before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -71,18 +74,33 @@ def main(argv=None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="threads for every contender (default: physical cores)"
     )
-    p.add_argument("--out", default=None, help="JSON record (default benchmarks/results/cpu-sampler.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON record, a new file (default: cpu-sampler-<date>-<time>.json in the current folder)")  # fmt: skip
     a = p.parse_args(argv)
+    from fastvae.errors import FastVAEError
 
+    try:
+        return _bench(a)
+    except FastVAEError as exc:  # a bad --run or --out: one line, before minutes of work where possible
+        print(f"bench_sampler: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench(a: argparse.Namespace) -> int:
     import torch
 
     from fastvae import load_model, train
+    from fastvae.bench_report import new_record_path, save_record
     from fastvae.export import Sampler, export_decoder
     from fastvae.export.runtime import physical_cores
 
+    out = new_record_path(a.out, "cpu-sampler").resolve()
+    if a.run:  # absolute: the cold-start processes run in another folder
+        a.run = str(Path(a.run).resolve())
+        load_model(a.run, "cpu")  # a missing or broken run fails here, not after minutes of timing
     work = Path(tempfile.mkdtemp(prefix="fastvae-bench-"))
     run = a.run or str(
-        train(epochs=1, out=str(work / "run"), device="cpu", progress=False, backend="torch").out
+        train(epochs=1, out=str(work / "run"), device="cpu", progress=False, backend="torch").out.resolve()
     )
     threads = a.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -97,6 +115,19 @@ def main(argv=None) -> int:
             return torch.sigmoid(model.decode(torch.randn(n, zdim)))
 
     rows = []
+    record = {
+        "cpu": cpu_name(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "pytorch-example decoder 20-400-784",
+        "int8_max_prob_error": float(int8.metadata["int8_max_prob_error"]),
+        "int8_test_elbo_change": float(int8.metadata["int8_test_elbo_change"]),
+        "rows": rows,
+        "complete": False,
+    }
     for b in BATCHES:
         # no per-call seed: each side continues its own generator's stream, as torch.randn does
         med = _interleaved_medians(
@@ -114,6 +145,7 @@ def main(argv=None) -> int:
             "torch_samples_per_s": b / t_torch, "onnx_fp32_samples_per_s": b / t32, "onnx_int8_samples_per_s": b / t8,
             "fp32_vs_torch": t_torch / t32, "int8_vs_torch": t_torch / t8, "int8_vs_fp32": t32 / t8,
         })  # fmt: skip
+        save_record(out, record)
     cold_onnx = _cold_start(
         f"import fastvae.export.sample as s; s.Sampler({str(fp32)!r}, threads={threads}).sample(64, 0)"
     )
@@ -121,40 +153,34 @@ def main(argv=None) -> int:
         f"import torch, fastvae; torch.set_num_threads({threads}); m = fastvae.load_model({run!r});"
         f"torch.sigmoid(m.decode(torch.randn(64, {zdim})))"
     )
-    record = {
-        "cpu": cpu_name(),
-        "threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": __import__("onnxruntime").__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "model": "pytorch-example decoder 20-400-784",
-        "int8_max_prob_error": float(int8.metadata["int8_max_prob_error"]),
-        "int8_test_elbo_change": float(int8.metadata["int8_test_elbo_change"]),
-        "rows": rows,
-        "cold_start_s": {"onnx_sampler": cold_onnx, "torch": cold_torch},
-    }
-    out = Path(a.out) if a.out else Path(__file__).parent / "results" / "cpu-sampler.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    record["cold_start_s"] = {"onnx_sampler": cold_onnx, "torch": cold_torch}
+    record["complete"] = True
+    save_record(out, record)
+
+    _print_table(record)
+    print(f"record: {out}")
+    return 0
+
+
+def _print_table(record: dict) -> None:
+    from fastvae.bench_report import speed_words
 
     print(
-        f"\nCPU: {record['cpu']}, {threads} threads; torch {record['torch']}, onnxruntime {record['onnxruntime']}"
+        f"\nCPU: {record['cpu']}, {record['threads']} threads; torch {record['torch']}, onnxruntime {record['onnxruntime']}"
     )
-    print("| batch | torch eager | onnx fp32 | onnx int8 | fp32/torch | int8/torch | int8/fp32 |")
+    print("| batch | torch eager | onnx fp32 | onnx int8 | onnx fp32 vs torch | int8 vs torch | int8 vs fp32 |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in record["rows"]:
         print(f"| {r['batch']} | {r['torch_samples_per_s']:,.0f}/s ({r['torch_ms']:.3f} ms) "
               f"| {r['onnx_fp32_samples_per_s']:,.0f}/s ({r['onnx_fp32_ms']:.3f} ms) "
               f"| {r['onnx_int8_samples_per_s']:,.0f}/s ({r['onnx_int8_ms']:.3f} ms) "
-              f"| {r['fp32_vs_torch']:.2f}x | {r['int8_vs_torch']:.2f}x | {r['int8_vs_fp32']:.2f}x |")  # fmt: skip
-    print(
-        f"cold start (new process, import + load + 64 samples): onnx sampler {cold_onnx:.3f} s, torch {cold_torch:.3f} s"
-    )
+              f"| {speed_words(r['fp32_vs_torch'])} | {speed_words(r['int8_vs_torch'])} "
+              f"| {speed_words(r['int8_vs_fp32'])} |")  # fmt: skip
+    cold = record["cold_start_s"]
+    print(f"cold start (new process, import + load + 64 samples): onnx sampler {cold['onnx_sampler']:.3f} s, "
+          f"torch {cold['torch']:.3f} s")  # fmt: skip
     print(f"int8: max probability error {record['int8_max_prob_error']:.3g}, "
           f"test -ELBO change {record['int8_test_elbo_change']:+.3f} nats")  # fmt: skip
-    print(f"record: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """``fastvae bench``: whole training steps of every contender, side by side in one run.
 
 Contenders (``fastvae.bench_contenders``): eager; eager + a CUDA graph of the whole step; the whole
-step under ``torch.compile(mode="max-autotune")``; fastvae. On the CPU the CUDA-graph and fastvae
-cells are skipped (reported as such). Beside them, full MNIST epochs: the pytorch/examples loop as
-users run it (``fastvae.bench_examples``) against the step contenders at batch 128.
+step under ``torch.compile(mode="max-autotune")``; fastvae. On a CPU the CUDA-graph contender is skipped,
+fastvae is ``fastvae train``'s own CPU step (resident data, keyed noise, no DataLoader), and the
+pytorch/examples loop (``fastvae.bench_examples``) is a step contender too, in the cells of its own
+network. Beside them, full MNIST epochs: the examples loop as users run it against the step contenders at
+batch 128.
+
+The record is written to a new file (``--out``, or ``fastvae-bench-<device>-<time>.json`` in the current
+folder; an existing file is never replaced), after every cell, so a late failure keeps what was measured.
 
 Per cell (config x batch x dtype): every contender is built and warmed up, then timed in ``rounds``
 interleaved blocks (each block ``steps / rounds`` steps of one contender, contenders alternating), so
@@ -18,7 +23,6 @@ minimum bytes, and the time of its GEMM shapes alone through cuBLAS as a lower b
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -31,8 +35,8 @@ from typing import Any
 import torch
 
 from fastvae import bench_dynamo
-from fastvae.bench_contenders import STEP_CONTENDERS, Contender, make_contender
-from fastvae.bench_report import format_table, machine, slug
+from fastvae.bench_contenders import CPU_CONTENDERS, STEP_CONTENDERS, Contender, make_contender
+from fastvae.bench_report import format_table, machine, new_record_path, save_record, slug
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
 from fastvae.errors import FastVAEError
@@ -149,7 +153,7 @@ def _launches(c: Contender, device: torch.device) -> tuple[int | None, str]:
 
     if device.type == "cuda":
         return profiled_kernels(c.step, device), "profiled"
-    if c.name == "compile":
+    if c.name in ("compile", "examples-loop"):  # the examples' DataLoader work is host Python, not aten
         return None, "n/a"
     return trace_kernels(c.step).total, "traced"
 
@@ -249,7 +253,8 @@ def epoch_times(images, built: dict[str, Contender], device: torch.device) -> di
     from fastvae.bench_examples import examples_epoch
 
     runs: dict[str, Callable[[], dict[str, Any]]] = {"examples-loop": lambda: examples_epoch(images, device)}
-    runs.update({name: (lambda c=c: _contender_epoch(c, device)) for name, c in built.items()})
+    runs.update({name: (lambda c=c: _contender_epoch(c, device))
+                 for name, c in built.items() if name != "examples-loop"})  # fmt: skip
     out: dict[str, Any] = {name: {"epoch_s_runs": []} for name in runs}
     order = list(runs)
     for r in range(EPOCH_ROUNDS):
@@ -293,10 +298,11 @@ def run_bench(
     device: str = "auto", *, full: bool = False, out: str | None = None,
     print_fn: Callable[[str], None] = print, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run the grid, write the JSON record, print the table; returns the record.
+    """Run the grid, write the JSON record (after every cell), print the table; returns the record.
 
+    ``out``: a new file (an existing one is refused); None: ``fastvae-bench-<device>-<time>.json`` here.
     ``overrides``: presets, batch_sizes, dtypes, steps, warmup, rounds, epoch (None: the grid's)."""
-    from fastvae.backends import resolve_device, triton_available
+    from fastvae.backends import resolve_device
 
     dev = resolve_device(device)
     grid = resolve_grid(dev, full, **overrides)
@@ -304,21 +310,18 @@ def run_bench(
         preset(p)
     if grid.steps < 5 or grid.warmup < 0 or grid.rounds < 1:
         raise FastVAEError("need --steps >= 5, --warmup >= 0 and --rounds >= 1")
-    if dev.type == "cuda":
-        contenders = STEP_CONTENDERS if triton_available() else STEP_CONTENDERS[:3]
-        skipped = [] if triton_available() else ["fastvae (needs Triton)"]
-    else:
-        contenders = ("eager", "compile")
-        skipped = ["eager+graph (needs CUDA)", "fastvae (needs CUDA and Triton)"]
+    contenders, skipped = _contenders(dev)
+    record: dict[str, Any] = {**machine(dev), "grid": grid.__dict__ | {"contenders": list(contenders)},
+                              "cells": [], "skipped": skipped, "complete": False}  # fmt: skip
+    path = record_path(out, record)  # checked before minutes of timing
     print_fn(f"fastvae bench: grid {grid.name}: presets {', '.join(grid.presets)}; batches "
              f"{', '.join(map(str, grid.batch_sizes))}; {', '.join(grid.dtypes)}; {grid.steps} timed steps "
-             f"in {grid.rounds} interleaved rounds after {grid.warmup} warm-up; contenders "
-             f"{', '.join(contenders)}" + ("" if dev.type == "cuda" or full else "  (the full grid: --full)"))  # fmt: skip
+             f"in {grid.rounds} interleaved rounds after {grid.warmup} warm-up; {torch.get_num_threads()} "
+             f"torch thread(s); contenders {', '.join(contenders)}"
+             + ("" if dev.type == "cuda" or full else "  (the full grid: --full)"))  # fmt: skip
     mnist = load_dataset("mnist")
     data = DeviceData(mnist.x_train, dev)
     x = data.batch(torch.arange(len(data), device=dev))  # the float data set, shared by the contenders
-    record: dict[str, Any] = {**machine(dev), "grid": grid.__dict__ | {"contenders": list(contenders)},
-                              "cells": [], "skipped": skipped}  # fmt: skip
     t0, load0 = time.perf_counter(), _load()
     for p in grid.presets:
         for b in grid.batch_sizes:
@@ -327,32 +330,58 @@ def run_bench(
             for d in grid.dtypes:
                 print_fn(f"  {p} batch {b} {d} ...")
                 keep: dict[str, Contender] = {}
-                record["cells"].append(run_cell(preset(p), b, d, data, x, grid, contenders, keep))
+                record["cells"].append(run_cell(preset(p), b, d, data, x, grid, _for_cell(contenders, p, d), keep))
                 if grid.epoch and (p, b, d) == EPOCH_CELL:  # before the next cell resets dynamo
                     print_fn("  full MNIST epochs ...")
                     record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
                 del keep
+                save_record(path, record)
     if grid.epoch and "mnist_epoch" not in record:
         print_fn("  full MNIST epochs (pytorch-example, batch 128, fp32) ...")
         keep = {}
-        run_cell(
-            preset(EPOCH_CELL[0]), 128, "fp32", data, x, replace(grid, steps=5, rounds=1), contenders, keep
-        )
+        run_cell(preset(EPOCH_CELL[0]), 128, "fp32", data, x, replace(grid, steps=5, rounds=1),
+                 _for_cell(contenders, *EPOCH_CELL[::2]), keep)  # fmt: skip
         record["mnist_epoch"] = epoch_times(mnist.x_train, keep, dev)
     record["wall_s"] = time.perf_counter() - t0
     record["load_avg_1min"] = {"start": load0, "end": _load()}  # > cpu_cores: others shared the cores
-    name = slug(record["device"]) if dev.type == "cuda" else f"cpu-{slug(record['device'])}"
-    path = Path(out) if out else Path("benchmarks") / "results" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record["complete"] = True
+    save_record(path, record)
     print_fn(format_table(record))
     print_fn(f"record: {path}")
     return record
 
 
+def _contenders(dev: torch.device) -> tuple[tuple[str, ...], list[str]]:
+    """(the step contenders on this device, what is skipped and why)."""
+    from fastvae.backends import triton_available
+
+    if dev.type == "cuda":
+        if triton_available():
+            return STEP_CONTENDERS, []
+        return STEP_CONTENDERS[:3], ["fastvae (needs Triton)"]
+    return CPU_CONTENDERS, ["eager+graph (needs CUDA)", "fastvae's fused engine (needs CUDA and Triton; on a CPU "
+                            "fastvae is the step `fastvae train` runs there)"]  # fmt: skip
+
+
+def _for_cell(contenders: tuple[str, ...], preset_name: str, dtype: str) -> tuple[str, ...]:
+    """The examples loop runs only its own network in fp32 (the pytorch-example cells)."""
+    from fastvae.bench_examples import examples_applies
+
+    if examples_applies(preset(preset_name), dtype):
+        return contenders
+    return tuple(c for c in contenders if c != "examples-loop")
+
+
+def record_path(out: str | None, record: dict[str, Any]) -> Path:
+    """``out``, or ``fastvae-bench-<device>-<time>.json`` here; never an existing file (checked first)."""
+    name = slug(record["device"]) if record["device_type"] == "cuda" else f"cpu-{slug(record['device'])}"
+    return new_record_path(out, f"fastvae-bench-{name}")
+
+
 def main_args(a) -> int:
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    from fastvae.backends import set_threads
+
+    set_threads(a.threads)  # as `fastvae train`: $OMP_NUM_THREADS, else 1 (see the README's 'Threads')
     run_bench(a.device, full=a.full, out=a.out, print_fn=lambda s: print(s, file=sys.stdout, flush=True),
               presets=_tuple(a.presets), batch_sizes=_tuple(a.batch_sizes), dtypes=_tuple(a.dtypes),
               steps=a.steps, warmup=a.warmup, rounds=a.rounds, epoch=False if a.no_epoch else None)  # fmt: skip

@@ -13,11 +13,16 @@ number of steps is valid (at B = 16384 on MNIST the table has 3 rows).
   and optimizer inside the compiled function; Adam is the foreach implementation because dynamo refuses
   to trace the fused one (``_fused_adam`` is ``torch.compiler.disable``d), so inductor writes its own.
   Dynamo's counters (graphs, graph breaks, frames that fell back to eager, recompiles) are kept per cell.
-- ``fastvae``: ``fastvae.engine.TrainStep`` over ``FusedVAE`` (fused Triton kernels in a CUDA graph),
-  driven only through its public surface (``load_epoch``, ``step``, ``read_loss``, ``steps_per_epoch``).
-
-The pytorch/examples loop (``examples_epoch``) is not a step contender: it is timed as whole epochs, as
-its users run it (see ``fastvae.bench_examples``).
+- ``fastvae`` on CUDA: ``fastvae.engine.TrainStep`` over ``FusedVAE`` (fused Triton kernels in a CUDA
+  graph), driven only through its public surface (``load_epoch``, ``step``, ``read_loss``,
+  ``steps_per_epoch``).
+- ``fastvae`` on a CPU: the step ``fastvae train`` itself runs there (``fastvae.trainer._EagerStep``): the
+  data set resident as one uint8 tensor, the batch gathered by index from the epoch's permutation, the
+  noise keyed by (seed, sample id), the reference model, fused Adam, a finiteness check every step, no
+  DataLoader. It is what a CPU user of fastvae gets, so it is the CPU contender.
+- ``examples-loop`` (CPU, the pytorch-example network in fp32): the pytorch/examples ``vae/main.py`` loop
+  as its users run it, one DataLoader batch per step (``fastvae.bench_examples``); it is also timed as
+  whole epochs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +45,7 @@ LR = 1e-3
 # buffers must exist before capture. Same count as fastvae.engine.WARMUP_STEPS.
 GRAPH_WARMUP = 3
 STEP_CONTENDERS = ("eager", "eager+graph", "compile", "fastvae")
+CPU_CONTENDERS = ("examples-loop", "eager", "compile", "fastvae")
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Contender:
     optimizer: str
     extra_bytes: int = 0  # device memory it holds that every contender holds too (its data copy)
     notes: dict[str, Any] = field(default_factory=dict)
+    model: torch.nn.Module | None = None  # the trained module, where the contender has one to show
 
 
 class WholeStep:
@@ -120,7 +128,11 @@ def make_contender(
     """Build ``name`` for one cell. ``x`` is the data set as float (N, D) on the device, shared."""
     set_matmul_precision(dtype if x.device.type == "cuda" else "fp32")
     if name == "fastvae":
-        return _fastvae(cfg, data, batch, dtype)
+        return _fastvae(cfg, data, batch, dtype) if x.device.type == "cuda" else _fastvae_cpu(cfg, data, batch)
+    if name == "examples-loop":
+        from fastvae.bench_examples import examples_step_contender
+
+        return examples_step_contender(cfg, data, batch, dtype)
     opt_kind = {"eager": "fused", "eager+graph": "fused-capturable", "compile": "foreach"}[name]
     ws = WholeStep(cfg, x, batch, dtype, opt_kind)
     if name == "eager":
@@ -209,3 +221,53 @@ def _fastvae(cfg: VAEConfig, data: DeviceData, batch: int, dtype: str) -> Conten
     extra = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
     opt = "Adam (fused, capturable)" if graph else "Adam (fused)"
     return Contender("fastvae", step, engine.read_loss, engine.steps_per_epoch, opt, extra_bytes=extra)
+
+
+class _RunView:
+    """What ``fastvae.trainer._EagerStep`` reads of a run, for one process with no KL warm-up: the bench
+    times that very step rather than a copy of it."""
+
+    def __init__(self, cfg: VAEConfig, data: DeviceData, batch: int) -> None:
+        from types import SimpleNamespace
+
+        from fastvae.backends import make_model
+        from fastvae.distributed import DistInfo
+
+        dev = data.x.device
+        torch.manual_seed(0)
+        self.model = self.net = make_model(cfg, backend="torch", device=dev)
+        self.model_cfg, self.train_data, self.n_train, self.device = cfg, data, len(data), dev
+        self.cfg = SimpleNamespace(batch_size=batch, seed=0, binarize=False, free_bits=0.0, lr=LR)
+        self.info = DistInfo(device=dev)
+        self.opt = make_optimizer(self.model, LR, cuda_graph=False)
+        self.params = list(self.model.parameters())
+        self.run_dir = Path("(fastvae bench)")
+
+    def beta_at(self, step: int) -> float:
+        return float(self.model_cfg.beta)
+
+
+def _fastvae_cpu(cfg: VAEConfig, data: DeviceData, batch: int) -> Contender:
+    """``fastvae train``'s CPU step; each epoch its own keyed permutation, as in training."""
+    from fastvae.schedules import epoch_permutation
+    from fastvae.trainer import _EagerStep
+
+    run = _RunView(cfg, data, batch)
+    stepper = _EagerStep(run)
+    steps = len(data) // batch
+    state = {"i": 0, "epoch": 0, "step": 0}
+    stepper.load_epoch(epoch_permutation(0, 0, len(data), data.x.device), 0, 0)
+
+    def step() -> None:
+        if state["i"] == steps:  # the next epoch: a fresh permutation, as the trainer draws
+            state["i"], state["epoch"] = 0, state["epoch"] + 1
+            perm = epoch_permutation(0, state["epoch"], len(data), data.x.device)
+            stepper.load_epoch(perm, state["epoch"], 0)
+        stepper.step(state["i"], state["step"])
+        state["i"] += 1
+        state["step"] += 1
+
+    notes = {"step": "fastvae train's CPU step (fastvae.trainer._EagerStep): resident data, keyed noise, "
+                     "no DataLoader, reference model, fused Adam"}  # fmt: skip
+    return Contender("fastvae", step, lambda: stepper.read_loss(state["step"]), steps, "Adam (fused)",
+                     notes=notes, model=run.model)  # fmt: skip

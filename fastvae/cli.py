@@ -25,10 +25,29 @@ MAX_IW = 1_000_000  # importance samples per data point (the IWAE paper's NLL us
 MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" once: not where the help text already says its default, and not for a None
+    or False default (a flag that is off, or a value worked out later, which the help text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:  # every command's --help shows the defaults
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        # argparse prints nothing at all for an option without help text, default included
+        shown = action.default is not None and action.default is not False
+        if action.help is None and action.option_strings and shown:
+            action.help = "default: %(default)s"
+        return action
 
     def error(self, message: str) -> None:  # one line, not usage + message
         raise SystemExit(_fail(f"{self.prog}: {message}"))
@@ -38,7 +57,27 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     """Print one error line (from rank 0 alone under torchrun, so a bad flag is reported once)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"fastvae: error: {message}", file=sys.stderr)
+    _tell_torchrun(f"fastvae: error: {message}")
     return code
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, put the error line in this worker's error file ($TORCHELASTIC_ERROR_FILE, in the
+    layout of torch.distributed.elastic's ErrorHandler): torchrun's closing ChildFailedError report then
+    shows it as the root cause, where it would say "To enable traceback see: ...". torchrun still prints
+    that report, with its own traceback, whenever a worker exits non-zero: it offers no switch to quiet it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    from fastvae.atomic import atomic_write_bytes
+
+    doc = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        atomic_write_bytes(path, json.dumps(doc).encode())
+    except OSError:  # the report then reads as it would without the file; the line is already on stderr
+        pass
 
 
 # ---- typed flag values ------------------------------------------------------------------------------
@@ -348,7 +387,7 @@ def _plot_scores(run, scores, a: argparse.Namespace) -> None:
 
 
 def cmd_quality(a: argparse.Namespace) -> int:
-    from fastvae.quality import max_entropy_bits, run_quality
+    from fastvae.quality import cache_dir, max_entropy_bits, run_quality
 
     run = _load_run(a)
     report = run_quality(run, a.n, a.seed)
@@ -360,7 +399,7 @@ def cmd_quality(a: argparse.Namespace) -> int:
         return 0
     top = max_entropy_bits(report.n_classes)
     print(
-        f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in fastvae.quality.cache_dir())"
+        f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in {cache_dir()})"
     )
     labelled = run.config.conditional  # every row then has its label agreement
     print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}"
@@ -431,6 +470,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return main_args(a)
 
 
+def _preset_batches() -> str:
+    """The batch size each preset brings, for --help: "pytorch-example: 128; paper, iwae: 100"."""
+    from fastvae.config import PRESET_TRAINING
+
+    by_batch: dict[int, list[str]] = {}
+    for name, d in PRESET_TRAINING.items():
+        by_batch.setdefault(d["batch_size"], []).append(name)
+    return "; ".join(f"{', '.join(names)}: {b}" for b, names in by_batch.items())
+
+
 _THREADS_HELP = "CPU threads for torch (default: $OMP_NUM_THREADS, else 1: see the README's 'Threads')"
 
 
@@ -494,20 +543,23 @@ def _add_train(sub) -> None:
         type=_int_at_least(1),
         help="also write samples and reconstructions every N epochs (images/)",
     )
-    opt("--epochs", type=_int_at_least(1))
-    opt("--batch-size", type=_int_at_least(1), help="global batch (default: the preset's)")
-    opt("--lr", type=_float_range(0.0, lo_open=True))
+    opt("--epochs", type=_int_at_least(1), help=f"training epochs (default: {d['epochs']} for every preset)")
+    opt("--batch-size", type=_int_at_least(1),
+        help=f"global batch (default: from the preset; {_preset_batches()})")  # fmt: skip
+    opt("--lr", type=_float_range(0.0, lo_open=True),
+        help=f"Adam's learning rate (default: {d['lr']:g} for every preset)")  # fmt: skip
     opt("--lr-schedule", choices=LR_SCHEDULES)
-    opt("--seed", type=_int_at_least(0, MAX_SEED))
+    opt("--seed", type=_int_at_least(0, MAX_SEED),
+        help=f"seeds the initialization, the batch order and the noise (default: {d['seed']})")  # fmt: skip
     opt("--device", help="auto | cpu | cuda")
     opt("--backend", choices=BACKENDS)
-    opt("--out", help="run directory (default runs/<preset>-<time>)")
+    opt("--out", help="run directory (default: runs/<preset>-<time>)")
     opt(
         "--binarize",
         action=argparse.BooleanOptionalAction,
         help="dynamic binarization (default: the preset's)",
     )
-    opt("--max-steps", type=_int_at_least(1))
+    opt("--max-steps", type=_int_at_least(1), help="stop after N optimizer steps (default: run every epoch)")
     opt(
         "--time-limit",
         type=_float_range(0.0, lo_open=True),
@@ -592,14 +644,18 @@ def _add_toolkit(sub) -> None:
     sc.add_argument("--reference-limit", type=_int_at_least(1), default=1000, help="test samples for --plot")
     sc.add_argument("--threads", type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
+    from fastvae.cache import cache_dir
+
     q = sub.add_parser(
-        "quality", help="judge prior samples and interpolation midpoints with a digit classifier"
+        "quality", help="judge prior samples and interpolation midpoints with a digit classifier",
+        description="Judge a run's prior samples and interpolation midpoints with an MLP classifier trained "
+        f"on its data's labels (seconds on a CPU), cached in {cache_dir()} ($FASTVAE_CACHE to move it).",
     )
     q.add_argument("run", help="run directory")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.set_defaults(func=cmd_quality)
     q.add_argument("-n", type=_int_at_least(100), default=5000, help="images per score")
-    q.add_argument("--seed", type=_int_at_least(0), default=0)
+    q.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
     q.add_argument("--json", action="store_true")
 
     ed = run_command("edit", "move one test image's code along an attribute direction", "edit.png", cmd_edit)
@@ -616,7 +672,7 @@ def _add_compare(sub) -> None:
     c.add_argument("--table", default=None, help="also write the Markdown table here")
     c.add_argument("--names", default=None, help="comma-separated column names (default: the folder names)")
     c.add_argument("-n", type=_int_at_least(100), default=5000, help="images per quality score")
-    c.add_argument("--seed", type=_int_at_least(0), default=0)
+    c.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
     c.add_argument("--device", default="auto", help="auto | cpu | cuda")
     c.set_defaults(func=cmd_compare)
 
@@ -643,36 +699,43 @@ def _add_run_commands(sub) -> None:
     s.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
     s.add_argument("--temperature", type=_float_range(0.0, lo_open=True, hi=MAX_TEMPERATURE), default=1.0,
                    help="scale of z")  # fmt: skip
-    s.add_argument("--ncol", type=_int_at_least(1), default=None)
+    s.add_argument("--ncol", type=_int_at_least(1), default=None,
+                   help="grid columns (default: a square grid; 10 for a conditional VAE's label rows)")  # fmt: skip
     s.add_argument("--label", type=_int_at_least(0), default=None,
                    help="conditional VAE: samples of this label (default: row r shows label r %% C)")  # fmt: skip
     s.add_argument("--device", default="auto")
-    s.add_argument("--out", required=True, help="PNG file")
+    s.add_argument("--out", default="samples.png",
+                   help="PNG file (default: samples.png in the current folder, as interpolate, manifold and "
+                        "latents write theirs)")  # fmt: skip
     s.set_defaults(func=cmd_sample)
 
     _add_toolkit(sub)
     _add_compare(sub)
 
     b = sub.add_parser(
-        "bench", help="time whole training steps of fastvae against eager, compile and CUDA graphs"
+        "bench", help="time whole training steps of fastvae against the pytorch/examples loop, eager, compile "
+        "and CUDA graphs"
     )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--full", action="store_true",
                    help="the full grid (3 presets x batches 128 1024 16384) on the CPU too; the CPU default is "
                         "bounded to a few minutes (pytorch-example, batches 128 1024, fp32)")  # fmt: skip
     b.add_argument("--presets", nargs="+", default=None, help="default: the grid's")
-    b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=None)
+    b.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=None, help="default: the grid's")
     b.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
                    help="default: fp32 tf32 bf16 on CUDA, fp32 on the CPU")  # fmt: skip
     b.add_argument(
-        "--steps", type=_int_at_least(5), default=None, help="timed steps per cell (200 GPU, 30 CPU)"
+        "--steps", type=_int_at_least(5), default=None, help="timed steps per cell (default: 200 on a GPU, 30 on a CPU)"
     )
-    b.add_argument("--warmup", type=_int_at_least(0), default=None)
-    b.add_argument("--rounds", type=_int_at_least(1), default=None, help="interleaved timing rounds (5)")
+    b.add_argument("--warmup", type=_int_at_least(0), default=None,
+                   help="untimed steps per contender (default: 20 on a GPU, 5 on a CPU)")  # fmt: skip
+    b.add_argument("--rounds", type=_int_at_least(1), default=None, help="interleaved timing rounds (default: 5)")
     b.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="torch CPU threads (default torch's; recorded either way)")  # fmt: skip
+                   help="CPU threads for torch, as for train (default: $OMP_NUM_THREADS, else 1; recorded)")  # fmt: skip
     b.add_argument("--no-epoch", action="store_true", help="skip the full-MNIST-epoch timing")
-    b.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<device>.json)")
+    b.add_argument("--out", default=None,
+                   help="JSON record, a new file: an existing one is refused (default: "
+                        "fastvae-bench-<device>-<date>-<time>.json in the current folder)")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser(

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastvae.errors import FastVAEError
-from fastvae.quality import ROWS, QualityReport, run_quality
+from fastvae.quality import ROWS, QualityReport, check_seed, run_quality
 
 N_PAIRS = 3
 STEPS = 8  # decoded points per interpolation, endpoints (the reconstructions) included
@@ -85,6 +85,7 @@ def compare_runs(paths: list[str], names: list[str] | None = None, *, device="cp
     from fastvae.runs import load_run
     from fastvae.toolkit import refuse_conditional
 
+    seed = check_seed(seed)  # before minutes of loading and scoring
     if len(paths) < 2:
         raise FastVAEError("compare needs at least two run directories")
     if names is not None and len(names) != len(paths):
@@ -121,9 +122,12 @@ def table(summaries: list[RunSummary]) -> str:
 
         lines.append(f"| {s.name} | {s.kind} | {s.latent_dim} | {_f(s.neg_elbo)} | {_f(s.rec_at_mean)} | "
                      f"{_pair(prior, mid, 'confidence', 3)} | {_pair(prior, mid, 'entropy_bits', 2)} | {_pair(prior, mid, 'mnist_fd', 1)} |")  # fmt: skip
-    real = next((s.quality.rows.get(ROWS[2]) for s in summaries if s.quality.rows), None)
+    # the floor and the judge's accuracy come from the first run that has scores: an unlabelled run
+    # (first or not) has neither
+    judged = next((s.quality for s in summaries if s.quality.rows), None)
+    real = None if judged is None else judged.rows.get(ROWS[2])
     if real is not None:
-        acc = summaries[0].quality.classifier_accuracy
+        acc = judged.classifier_accuracy
         lines.append(f"\nReal held-out test images score confidence {real.confidence:.3f}, entropy "
                      f"{real.entropy_bits:.2f} bits, MNIST-FD {real.mnist_fd:.1f} (the floor for n = {real.n}); "
                      f"the judge's test accuracy is {acc:.4f}.")  # fmt: skip

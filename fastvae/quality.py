@@ -25,15 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvae.cache import cache_dir
 from fastvae.errors import FastVAEError
 
 HIDDEN = (256, 128)
@@ -60,10 +59,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.features(x))  # (N, classes) logits
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTVAE_CACHE") or Path.home() / ".cache" / "fastvae")
 
 
 def _key(x_train: np.ndarray, y_train: np.ndarray, seed: int) -> str:
@@ -104,6 +99,15 @@ def train_classifier(
         torch.manual_seed(seed)
         clf = DigitClassifier(x.shape[1], n_classes)
     opt = torch.optim.Adam(clf.parameters(), lr=LR)
+    with torch.enable_grad():  # callers may hold no_grad (compare's summarize does): training needs grads
+        _fit(clf, opt, x, y, g)
+    clf.eval()
+    with torch.no_grad():
+        pred = clf(_as_float(x_test)).argmax(1).numpy()
+    return clf, float((pred == check_labels(y_test, len(x_test), "test split")).mean())
+
+
+def _fit(clf: DigitClassifier, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, g: torch.Generator) -> None:
     for _ in range(EPOCHS):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x) - BATCH + 1, BATCH):
@@ -112,10 +116,6 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    clf.eval()
-    with torch.no_grad():
-        pred = clf(_as_float(x_test)).argmax(1).numpy()
-    return clf, float((pred == check_labels(y_test, len(x_test), "test split")).mean())
 
 
 def load_classifier(dataset, *, seed: int = 0, cache: bool = True) -> tuple[DigitClassifier, float]:
@@ -246,6 +246,16 @@ def midpoints(
     return torch.cat(out), (None if y is None else y[a].cpu())
 
 
+def check_seed(seed: object) -> int:
+    """A seed torch's generators take (0..MAX_SEED), else one FastVAEError line: a larger one overflowed
+    inside ``torch.Generator.manual_seed`` with a raw RuntimeError."""
+    from fastvae.config import MAX_SEED
+
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise FastVAEError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r:.40}")
+    return int(seed)
+
+
 def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> QualityReport:
     """Scores of ``n`` prior samples and ``n`` interpolation midpoints of a loaded run
     (:func:`fastvae.runs.load_run`), against a seeded random half of its test split; the other half is
@@ -253,6 +263,7 @@ def run_quality(run, n: int = 5000, seed: int = 0, cache: bool = True) -> Qualit
     from fastvae.data import load_dataset
     from fastvae.toolkit import prior_samples, sample_labels
 
+    seed = check_seed(seed)
     source = run.doc.get("train", {}).get("data", "mnist")
     dataset = load_dataset(source, run.config.likelihood)
     if dataset.y_train is None or dataset.y_test is None:

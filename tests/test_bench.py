@@ -112,3 +112,186 @@ def test_epoch_times_runs_every_contender_each_round_and_keeps_the_fastest(monke
     assert out["examples-loop"]["epoch_s"] == 9.0 - EPOCH_ROUNDS == min(out["examples-loop"]["epoch_s_runs"])
     e = out["eager"]
     assert len(e["epoch_s_runs"]) == EPOCH_ROUNDS and e["steps"] == 3 and np.isfinite(e["mean_loss"])
+
+
+# ---- issue 28: the CPU table answers "how much faster is fastvae?", threads, records never overwritten ----
+def _mnist_like(n=64):
+    x = (np.random.default_rng(1).random((n, 784)) * 255).astype(np.uint8)
+    data = DeviceData(x, "cpu")
+    return data, data.batch(torch.arange(n))
+
+
+def test_cpu_fastvae_contender_is_the_trainers_step_and_matches_train_bit_for_bit(tmp_path):
+    """The CPU 'fastvae' contender is `fastvae train`'s step: from the same seed and data, 4 steps of it
+    leave the same parameters as fastvae.train(max_steps=4) with batch 16 (4 steps = one epoch of 64)."""
+    from fastvae import train
+    from fastvae.config import preset
+
+    cfg = preset("pytorch-example")
+    data, x = _mnist_like()
+    c = make_contender("fastvae", cfg, data, x, 16, "fp32")
+    for _ in range(4):
+        c.step()
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=data.x.numpy().reshape(-1, 28, 28), x_test=data.x.numpy()[:20].reshape(-1, 28, 28))
+    res = train(data=str(npz), out=str(tmp_path / "run"), batch_size=16, max_steps=4, device="cpu",
+                backend="torch", progress=False, binarize=False, seed=0)  # fmt: skip
+    assert c.steps_per_epoch == 4
+    want = torch.nn.utils.parameters_to_vector(res.model.parameters())
+    got = torch.nn.utils.parameters_to_vector(c.model.parameters())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_cell_puts_fastvae_against_the_examples_loop_and_eager_in_the_table():
+    from fastvae.bench import _for_cell
+    from fastvae.bench_contenders import CPU_CONTENDERS
+    from fastvae.bench_report import speed_words
+    from fastvae.config import preset
+
+    data, x = _mnist_like()
+    grid = Grid("t", (), (), (), steps=6, warmup=1, rounds=2)
+    names = tuple(n for n in _for_cell(CPU_CONTENDERS, "pytorch-example", "fp32") if n != "compile")
+    assert names == ("examples-loop", "eager", "fastvae")
+    assert "examples-loop" not in _for_cell(CPU_CONTENDERS, "paper", "fp32")
+    cell = run_cell(preset("pytorch-example"), 16, "fp32", data, x, grid, names)
+    ms = {n: cell["contenders"][n]["median_ms"] for n in names}
+    record = {**_record(None), "device_type": "cpu", "cells": [cell]}
+    table = format_table(record)
+    head, row = table.split("\n")[2], table.split("\n")[4]
+    assert "fastvae vs examples-loop" in head and "fastvae vs eager" in head
+    assert "kernels/step" not in head and "GEMM" not in head and "n/a" not in row
+    for other in ("examples-loop", "eager"):  # the words follow the medians, whichever way they go
+        assert speed_words(ms[other] / ms["fastvae"]) in row
+    assert "fastvae on a CPU: the step `fastvae train` runs there" in table
+
+
+def test_speed_words_read_right_either_way():
+    from fastvae.bench_report import speed_words
+
+    assert speed_words(1.8) == "1.80x faster"
+    assert speed_words(0.55) == "1.82x slower"  # was "0.55x faster"
+    assert speed_words(1.0) == "1.00x faster"
+
+
+def test_two_graphs_split_at_backward_are_not_starred_but_a_third_graph_is():
+    from fastvae.bench_dynamo import EXPECTED_BREAKS
+
+    expected = {"graphs": 2, "graph_breaks": 3, "fallbacks": 0, "recompiles": 0, "flagged": True,
+                "fell_back": False, "break_reasons": list(EXPECTED_BREAKS), "fallback_reasons": []}  # fmt: skip
+    row = format_table(_record(expected)).split("\n")[4]
+    assert "*" not in row and "2 graphs, as expected" in row
+    odd = {**expected, "graphs": 3, "break_reasons": [*EXPECTED_BREAKS, "Unsupported: some op"]}
+    row = format_table(_record(odd)).split("\n")[4]
+    assert " *" in row and "3 graphs" in row
+
+
+def test_bench_uses_trains_thread_default(monkeypatch):
+    import fastvae.bench as bench
+    from fastvae.cli import main
+
+    seen = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["bench", "--device", "cpu"]) == 0
+        assert main(["bench", "--device", "cpu", "--threads", "3"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 3]
+
+
+def test_bench_refuses_an_existing_record_before_timing_anything(tmp_path, capsys, monkeypatch):
+    import fastvae.bench as bench
+    from fastvae.cli import main
+
+    monkeypatch.setattr(bench, "run_cell", lambda *a, **k: pytest.fail("timed before checking --out"))
+    old = tmp_path / "cpu.json"
+    old.write_text("{}")
+    assert main(["bench", "--device", "cpu", "--out", str(old), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and old.read_text() == "{}"
+    assert main(["bench", "--device", "cpu", "--out", str(tmp_path / "no" / "r.json"), "--threads", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_default_record_is_a_new_file_and_each_cell_is_saved_at_once(tmp_path, monkeypatch):
+    """A failure in the second cell keeps the first cell's figures on disk; the default name is new and
+    in the current folder, not benchmarks/results/."""
+    import json
+    from types import SimpleNamespace
+
+    import fastvae.bench as bench
+
+    monkeypatch.chdir(tmp_path)
+    small = (np.random.default_rng(0).random((64, 784)) * 255).astype(np.uint8)
+    monkeypatch.setattr(bench, "load_dataset", lambda name: SimpleNamespace(x_train=small))
+    calls = []
+
+    def cell(cfg, batch, *a, **k):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise RuntimeError("late failure")
+        return {"preset": "pytorch-example", "batch": batch, "dtype": "fp32", "contenders": {}}
+
+    monkeypatch.setattr(bench, "run_cell", cell)
+    with pytest.raises(RuntimeError, match="late failure"):
+        bench.run_bench("cpu", print_fn=lambda s: None, batch_sizes=(16, 32), epoch=False)
+    files = list(tmp_path.glob("fastvae-bench-cpu-*.json"))
+    assert len(files) == 1
+    rec = json.loads(files[0].read_text())
+    assert [c["batch"] for c in rec["cells"]] == [16] and rec["complete"] is False
+    from fastvae.errors import FastVAEError
+
+    with pytest.raises(FastVAEError, match="exists"):
+        bench.record_path(str(files[0]), rec)
+
+
+def _bench_script(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(root))  # bench_parts imports bench_sampler
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["bench_sampler", "bench_parts"])
+def test_bench_scripts_check_run_and_out_before_any_work(tmp_path, capsys, monkeypatch, script):
+    mod = _bench_script(script)
+    monkeypatch.setattr(mod, "_interleaved_medians", lambda *a, **k: pytest.fail("timed before the checks"))
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    assert mod.main(["--run", str(tmp_path / "nope"), "--out", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and old.read_text() == "{}"
+    assert mod.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "new.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run directory" in err[0]
+    assert not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.slow  # about 2 minutes on a loaded 2-core machine: an export and two cold Python starts
+def test_bench_sampler_takes_a_relative_run_and_saves_each_batch(tmp_path, monkeypatch, tiny_npz):
+    """`--run runs/x` (relative) used to crash in the cold-start processes, which run in another folder,
+    after minutes of timing, losing every row."""
+    import json
+
+    from fastvae import train
+
+    mod = _bench_script("bench_sampler")
+    monkeypatch.chdir(tmp_path)
+    train(data=str(tiny_npz), out="runs/tiny", hidden_dims=(8,), latent_dim=2, max_steps=3, batch_size=50,
+          device="cpu", progress=False, backend="torch")  # fmt: skip
+    monkeypatch.setattr(mod, "BATCHES", (1, 4))
+    monkeypatch.setattr(mod, "_interleaved_medians", lambda fns, b, rounds=6: {k: (fns[k](), 1e-3)[1] for k in fns})
+    cold = mod._cold_start
+    monkeypatch.setattr(mod, "_cold_start", lambda code: cold(code, runs=1))
+    assert mod.main(["--run", "runs/tiny", "--threads", "1", "--out", "rec.json"]) == 0
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["complete"] and [r["batch"] for r in rec["rows"]] == [1, 4] and rec["cold_start_s"]["torch"] > 0

@@ -30,9 +30,11 @@ def test_compile_cells_never_fall_back_across_batches_and_dtypes_in_one_process(
         dyn = c["dynamo"]
         assert dyn["fallbacks"] == 0 and dyn["recompiles"] == 0 and not dyn["fell_back"], (b, d, dyn)
         assert not any("recompile limit" in r for r in dyn["fallback_reasons"]), dyn
-        # Forward + backward in one graph, Adam in another: PyTorch's Optimizer.step breaks the graph on
-        # purpose (torch/optim/optimizer.py, _use_grad), and Tensor.backward() is not traced by default.
-        assert 1 <= dyn["graphs"] <= 3 and dyn["flagged"], dyn
+        # Forward in one graph, Adam in another: PyTorch's Optimizer.step breaks the graph on purpose
+        # (torch/optim/optimizer.py, _use_grad), and Tensor.backward() is not traced by default. That is
+        # the expected shape the table does not star (issue 28): check it is what really happens.
+        assert dyn["graphs"] == bench_dynamo.EXPECTED_GRAPHS, dyn
+        assert set(dyn["break_reasons"]) <= set(bench_dynamo.EXPECTED_BREAKS) and not dyn["flagged"], dyn
 
 
 def test_detector_reports_a_recompile_limit_fallback():
