@@ -272,6 +272,8 @@ class _Run:
             "train": cfg.to_dict(),
             "fastvae_version": fastvae.__version__,
         }
+        if data.classes:  # a folder's class names: label i is classes[i] (``--label NAME``)
+            self.doc["classes"] = list(data.classes)
         # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
         self.step, self.metrics, self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0, [], 0.0, 0.0, 0
         if resuming:
