@@ -18,7 +18,7 @@ import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError, require
-from fastvae.inputs import read_arrays, read_image_folder
+from fastvae.inputs import image_files, read_arrays, read_image_folder
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
@@ -216,11 +216,14 @@ def read_labels(path: str | os.PathLike, n: int) -> np.ndarray:
 
 def input_labels(part: OnnxPart, a, n: int) -> np.ndarray | None:
     """The labels a command line gives a conditional VAE's part: ``--labels``, else the input .npz's own
-    y_test / y; None for an unconditional part (``check_y`` refuses labels given to it)."""
+    y_test / y, or an input folder's class subfolders (their indices, as training numbers them); None for
+    an unconditional part (``check_y`` refuses labels given to it)."""
     if a.labels:
         return read_labels(a.labels, n)
     if part.classes and str(a.input).endswith(".npz"):
         return read_labels(a.input, n)
+    if part.classes and Path(a.input).is_dir():
+        return image_files(a.input)[1]  # None for a folder without subfolders: check_y asks for labels
     return None
 
 

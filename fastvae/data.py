@@ -296,21 +296,23 @@ def load_array(
     progress: bool = True,
 ) -> np.ndarray:
     """One validated array (N, ...) from a file, a folder of images, an array, a tensor or a Dataset, or the
-    MNIST test split for "mnist"."""
-    if not isinstance(source, (str, os.PathLike)):
+    MNIST test split for "mnist"; a .npz, a dict or an opened .npz gives its x_test, x or only array."""
+    if isinstance(source, (Mapping, np.lib.npyio.NpzFile)):
+        arrays, where = _mapping_arrays(source), "data"
+    elif not isinstance(source, (str, os.PathLike)):
         return validate_array(_in_memory(source, "data", progress)[0], likelihood, "data")
-    if source == "mnist":
+    elif source == "mnist":
         return load_dataset("mnist").x_test
-    path = Path(source)
-    if path.is_dir():
-        return validate_array(
-            read_image_folder(path, image_size, True if grayscale else None, progress).x, likelihood, str(path)
-        )
-    arrays = read_arrays(path)
+    elif Path(source).is_dir():
+        folder = read_image_folder(source, image_size, True if grayscale else None, progress)
+        return validate_array(folder.x, likelihood, str(source))
+    else:
+        arrays, where = read_arrays(source), str(source)
     key = "x_test" if "x_test" in arrays else ("x" if "x" in arrays else None)
     if key is None and len(arrays) != 1:
-        raise FastVAEError(f"{path}: expected one array (or x / x_test), found {', '.join(sorted(arrays))}")
-    return validate_array(arrays[key] if key else next(iter(arrays.values())), likelihood, str(path))
+        raise FastVAEError(f"{where}: expected one array (or x / x_test), found {', '.join(sorted(arrays))}")
+    x = _in_memory(arrays[key] if key else next(iter(arrays.values())), where, False)[0]
+    return validate_array(x, likelihood, where)
 
 
 def load_labels(source: str | os.PathLike, n: int) -> np.ndarray:

@@ -341,6 +341,7 @@ def test_dict_and_npzfile_data(tmp_path):
             np.testing.assert_array_equal(getattr(d, k), v)
     torchy = load_dataset({k: torch.from_numpy(v) for k, v in arrays.items()}, progress=False)
     np.testing.assert_array_equal(torchy.y_test, arrays["y_test"])
+    np.testing.assert_array_equal(load_array(dict(arrays)), arrays["x_test"])  # as eval / score read it
     one = load_dataset({"x": arrays["x_train"]}, progress=False)
     assert len(one.x_train) + len(one.x_test) == 12 and one.y_train is None
     bad = {

@@ -129,3 +129,21 @@ def test_encoder_cli_with_truncated_labels_or_inputs_is_one_line(run_dir, parts,
         assert bad.returncode == 2 and len(lines) == 1 and "not a readable NumPy file" in lines[0], bad.stderr
         assert "NO_TORCH" in bad.stderr
     assert not (tmp_path / "b.npy").exists()
+
+
+def test_encoder_cli_takes_labels_from_class_subfolders(run_dir, parts, tmp_path, no_torch_env):
+    """A folder in class subfolders is labelled as training labels it: the i-th sorted subfolder is y = i."""
+    from PIL import Image
+
+    with np.load(run_dir[1]) as f:
+        x, y = f["x_test"][:12], f["y_test"][:12]
+    order = np.argsort(y, kind="stable")  # the folder's order: by class, then by name
+    for j, i in enumerate(order):
+        (tmp_path / "imgs" / f"class{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(tmp_path / "imgs" / f"class{y[i]}" / f"{j:03d}.png")
+    cmd = [sys.executable, "-m", "fastvae.export.encode", str(parts["encoder"]), str(tmp_path / "imgs")]
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "mu.npy")], capture_output=True, text=True,
+                        env=no_torch_env, timeout=120)  # fmt: skip
+    assert ok.returncode == 0 and "NO_TORCH" in ok.stderr, ok.stderr
+    want = Encoder(parts["encoder"]).encode(x[order], y[order])[0]
+    np.testing.assert_allclose(np.load(tmp_path / "mu.npy"), want, atol=1e-6)
