@@ -184,6 +184,8 @@ def _in_memory(obj: Any, name: str, progress: bool) -> tuple[Any, np.ndarray | N
         return _tensor_numpy(obj), None
     if isinstance(obj, (str, os.PathLike)):
         raise FastVAEError(f"{name}: a path inside a (train, test) pair is not supported; pass arrays")
+    if isinstance(obj, (bytes, bytearray)):  # an opened .npz member that is no .npy
+        raise FastVAEError(f"{name}: not an array (raw bytes)")
     if isinstance(obj, (Mapping, np.lib.npyio.NpzFile)):
         raise FastVAEError(
             f"{name}: a dict of arrays is taken only as the whole data (x_train, x_test, y_train, y_test)"

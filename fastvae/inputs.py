@@ -59,12 +59,16 @@ def read_arrays(
             return {"x": loaded}
         with loaded as f:
             names = list(f.files)
-            return {k: f[k] for k in (choose(names) if choose else names)}
+            arrays = {k: f[k] for k in (choose(names) if choose else names)}
     except MemoryError:
         raise FastVAEError(f"{path}: the arrays do not fit in memory") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError) as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__  # truncated, pickled
         raise FastVAEError(f"{path}: not a readable NumPy file ({first})") from None
+    for k, v in arrays.items():
+        if not isinstance(v, np.ndarray):  # numpy hands back a member that is no .npy as its raw bytes
+            raise FastVAEError(f"{path}: not a readable NumPy file ({k!r} is not an array)")
+    return arrays
 
 
 def image_files(path: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, tuple[str, ...] | None]:

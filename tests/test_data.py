@@ -349,6 +349,7 @@ def test_dict_and_npzfile_data(tmp_path):
         "string labels": ({**arrays, "y_test": np.array(["a"] * 4)}, r"\[y_test\]: labels must be integers"),
         "label count": ({**arrays, "y_test": arrays["y_train"]}, r"expected 4 labels"),
         "int keys": ({0: arrays["x_train"]}, "needs string keys"),
+        "raw bytes member": ({"x": b"not an array"}, r"not an array \(raw bytes\)"),
         "nested dict": (({"x": arrays["x_train"]}, arrays["x_test"]), "taken only as the whole data"),
     }
     for name, (data, fragment) in bad.items():
