@@ -2,8 +2,9 @@
 
     python -m fastvae.export.encode ENCODER.onnx INPUT --out mu.npy|mu.csv [--logvar FILE.npy]
 
-INPUT is a .npy array, an .npz archive (its ``x``, ``x_test`` or only array) or a folder of PNG images,
-uint8 pixels or floats in [0, 1]. ``--out`` gets the posterior means mu (N, Z) as .npy, or as CSV with
+INPUT is a .npy array, an .npz archive (its ``x``, ``x_test`` or only array) or a folder of PNG/JPEG
+images (at its top level or in class subfolders, read as training reads them), uint8 pixels or floats in
+[0, 1]. ``--out`` gets the posterior means mu (N, Z) as .npy, or as CSV with
 the columns index, mu_0.., logvar_0...
 """
 
@@ -51,7 +52,7 @@ class Encoder(OnnxPart):
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastvae.export.encode", description=__doc__.splitlines()[0])
     p.add_argument("model", help="ONNX encoder written by `fastvae export --part encoder`")
-    p.add_argument("input", help=".npy / .npz file or a folder of PNG images")
+    p.add_argument("input", help=".npy / .npz file or a folder of PNG/JPEG images")
     p.add_argument("--out", required=True, help="mu as .npy (N, Z), or .csv with mu and logvar columns")
     p.add_argument("--logvar", help="also save logvar as a .npy array")
     p.add_argument("--labels", help="conditional VAE: labels, a .npy or the y_test / y of a .npz (default: the "
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.logvar:
             check_out(a.logvar, (".npy",))
         enc = Encoder(a.model, threads=a.threads)
-        x = read_inputs(a.input)
+        x = read_inputs(a.input, enc.data_shape)
         mu, logvar = enc.encode(x, input_labels(enc, a, len(x)))
         if out.suffix.lower() == ".npy":
             write_table(out, {f"mu_{j}": mu[:, j] for j in range(mu.shape[1])})

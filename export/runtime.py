@@ -1,8 +1,9 @@
 """Shared pieces of the torch-free runtimes (``Encoder``, ``Scorer``): numpy, onnxruntime and Pillow only.
 
 Opening a fastvae ONNX part with the sampler's CPU session options, and reading inputs: a ``.npy`` array,
-an ``.npz`` archive (its ``x``, ``x_test`` or only array) or a folder of PNG images, as (N, D) float32 in
-[0, 1] (uint8 pixels are divided by 255, as fastvae's ``unit_float`` does).
+an ``.npz`` archive (its ``x``, ``x_test`` or only array) or a folder of PNG/JPEG images (through
+``fastvae.inputs``, the reader training uses), as (N, D) float32 in [0, 1] (uint8 pixels are divided by
+255, as fastvae's ``unit_float`` does).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import numpy as np
 
 from fastvae.atomic import atomic_write_bytes, check_writable
 from fastvae.errors import FastVAEError, require
+from fastvae.inputs import image_files, read_arrays, read_image_folder
 from fastvae.limits import MAX_SCORER_IW
 
 REQUIRED_METADATA = ("fastvae_version", "latent_dim", "data_shape")
 NPZ_KEYS = ("x", "x_test")
+LABEL_KEYS = ("y_test", "y")
 Arg = tuple[str, int, dict[int, int]]  # a graph input or output: (name, rank, {axis: static size})
 GraphIO = tuple[list[Arg], list[Arg]]
 
@@ -274,14 +277,19 @@ def _sizes(path: Path, meta: dict[str, str]) -> tuple[int, tuple[int, ...]]:
 def read_labels(path: str | os.PathLike, n: int) -> np.ndarray:
     """n labels from a .npy, or the y_test / y array of a .npz (the labels of ``read_inputs``'s rows)."""
     path = Path(path)
-    if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            key = next((k for k in ("y_test", "y") if k in f), None)
-            if key is None:
-                raise FastVAEError(f"{path}: no labels array y_test or y (found {', '.join(f.keys())})")
-            y = f[key]
-    else:
-        y = read_inputs(path)
+    if path.is_dir():
+        raise FastVAEError(f"{path}: is a folder; labels come from a .npy, or the y_test / y of a .npz")
+    found: list[str] = []
+
+    def labels_key(names: list[str]) -> list[str]:
+        key = next((k for k in LABEL_KEYS if k in names), None)  # never an .npz's x read as labels
+        found[:] = names
+        return [] if key is None else [key]
+
+    arrays = read_arrays(path, labels_key)
+    if not arrays:
+        raise FastVAEError(f"{path}: no labels array y_test or y (found {', '.join(found) or 'none'})")
+    y = next(iter(arrays.values()))
     if y.ndim != 1 or len(y) != n:
         raise FastVAEError(f"{path}: expected {n} labels in a 1-D array, got shape {y.shape}")
     return y
@@ -289,49 +297,38 @@ def read_labels(path: str | os.PathLike, n: int) -> np.ndarray:
 
 def input_labels(part: OnnxPart, a, n: int) -> np.ndarray | None:
     """The labels a command line gives a conditional VAE's part: ``--labels``, else the input .npz's own
-    y_test / y; None for an unconditional part (``check_y`` refuses labels given to it)."""
+    y_test / y, or an input folder's class subfolders (their indices, as training numbers them); None for
+    an unconditional part (``check_y`` refuses labels given to it)."""
     if a.labels:
         return read_labels(a.labels, n)
     if part.classes and str(a.input).endswith(".npz"):
         return read_labels(a.input, n)
+    if part.classes and Path(a.input).is_dir():
+        return image_files(a.input)[1]  # None for a folder without subfolders: check_y asks for labels
     return None
 
 
-def read_inputs(path: str | os.PathLike) -> np.ndarray:
-    """(N, ...) array from a .npy file, a .npz archive or a folder of PNG images (sorted by name)."""
+def read_inputs(path: str | os.PathLike, data_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """(N, ...) array from a .npy file, a .npz archive or a folder of PNG/JPEG images, read as training
+    reads it (``fastvae.inputs``: top-level images or class subfolders, 16-bit pixels by their high byte).
+    A folder is read in colour for a model of (H, W, 3) images, in greyscale for one of (H, W) images,
+    and otherwise greyscale when every image is."""
     path = Path(path)
     if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-        if not files:
-            raise FastVAEError(f"{path}: no .png files in this folder")
-        try:
-            imgs = [np.asarray(Image.open(p).convert("L")) for p in files]
-        except Exception as exc:
-            raise FastVAEError(f"{path}: cannot read the PNG images ({str(exc).splitlines()[0]})") from None
-        if len({a.shape for a in imgs}) != 1:
-            raise FastVAEError(f"{path}: the PNG images differ in size")
-        return np.stack(imgs)
-    if not path.is_file():
+        grey = None
+        if data_shape is not None and len(data_shape) in (2, 3):
+            grey = len(data_shape) == 2 or data_shape[-1] != 3
+        return read_image_folder(path, grayscale=grey).x
+    if not path.exists():
         raise FastVAEError(f"{path}: no such file or folder")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                keys = list(f.keys())
-                key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise FastVAEError(
-                        f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {', '.join(keys)})"
-                    )
-                return f[key]
-        return np.load(path, allow_pickle=False)
-    except FastVAEError:
-        raise
-    except Exception as exc:
-        raise FastVAEError(
-            f"{path}: not a readable .npy/.npz array ({str(exc).splitlines()[0][:120]})"
-        ) from None
+
+    def inputs_key(names: list[str]) -> list[str]:
+        key = next((k for k in NPZ_KEYS if k in names), names[0] if len(names) == 1 else None)
+        if key is None:
+            raise FastVAEError(f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {', '.join(names)})")
+        return [key]
+
+    return next(iter(read_arrays(path, inputs_key).values()))
 
 
 def check_out(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:

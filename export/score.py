@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = check_out(a.out, (".csv", ".npy"))
         scorer = Scorer(a.model, threads=a.threads)
-        x = read_inputs(a.input)
+        x = read_inputs(a.input, scorer.data_shape)
         scores = scorer.score(x, a.seed, y=input_labels(scorer, a, len(x)))
         write_table(out, scores)
     except FastVAEError as exc:

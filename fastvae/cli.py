@@ -207,11 +207,12 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from fastvae.backends import resolve_device
     from fastvae.images import save_grid
     from fastvae.limits import check_fits
-    from fastvae.runs import load_model
+    from fastvae.runs import load_model, read_run_config
     from fastvae.toolkit import SAMPLE_ROWS, sample_labels
 
     device = resolve_device(a.device)
     model = load_model(a.run, device)
+    a.label = _class_label(a.label, read_run_config(a.run)[1])
     check_fits(8 * a.n * model.config.flat_dim, f"{a.n:,} samples", "draw fewer with -n", device)
     conditional_grid = model.config.conditional and a.label is None
     ncol = a.ncol or (SAMPLE_ROWS if conditional_grid else math.ceil(math.sqrt(a.n)))
@@ -257,6 +258,13 @@ def _load_run(a: argparse.Namespace, data: str | None = None):
     return load_run(a.run, resolve_device(getattr(a, "device", "auto")), data=data)
 
 
+def _class_label(label: str | None, doc: dict) -> int | None:
+    """--label as the model's integer: a class name the run recorded (its folder's subfolders) or 0..C-1."""
+    from fastvae.data import resolve_label
+
+    return resolve_label(label, doc.get("classes"))
+
+
 def cmd_interpolate(a: argparse.Namespace) -> int:
     import torch
 
@@ -264,6 +272,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     from fastvae.toolkit import interpolate
 
     run = _load_run(a)
+    a.label = _class_label(a.label, run.doc)
     for name, i in (("--a", a.a), ("--b", a.b)):
         if not 0 <= i < len(run.test):
             raise_error(f"{name} {i} is not a test image index (0..{len(run.test) - 1})")
@@ -287,6 +296,7 @@ def cmd_manifold(a: argparse.Namespace) -> int:
     from fastvae.toolkit import manifold, most_active_dims, usage_per_dim
 
     run = _load_run(a)
+    a.label = _class_label(a.label, run.doc)
     config = run.config
     _check_out(a.out)
     check_fits(
@@ -617,14 +627,14 @@ def _add_toolkit(sub) -> None:
     i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--steps", type=_int_at_least(2, MAX_IMAGES), default=10)
-    i.add_argument("--label", type=_int_at_least(0), default=None,
-                   help="conditional VAE: decode the path with this label (default: image a's)")  # fmt: skip
+    i.add_argument("--label", type=str, default=None,
+                   help="conditional VAE: decode the path with this label, a class name or 0..C-1 (default: image a's)")  # fmt: skip
 
     m = run_command("manifold", "decode a grid over the latent space (2-D, or the 2 most active dims)",
                     "manifold.png", cmd_manifold)  # fmt: skip
     m.add_argument("-n", type=_int_at_least(2, MAX_GRID_SIDE), default=20, help="grid side")
     m.add_argument(
-        "--label", type=_int_at_least(0), default=None, help="conditional VAE: the class to draw (required)"
+        "--label", type=str, default=None, help="conditional VAE: the class to draw, a name or 0..C-1 (required)"
     )
 
     lt = run_command(
@@ -701,8 +711,8 @@ def _add_run_commands(sub) -> None:
                    help="scale of z")  # fmt: skip
     s.add_argument("--ncol", type=_int_at_least(1), default=None,
                    help="grid columns (default: a square grid; 10 for a conditional VAE's label rows)")  # fmt: skip
-    s.add_argument("--label", type=_int_at_least(0), default=None,
-                   help="conditional VAE: samples of this label (default: row r shows label r %% C)")  # fmt: skip
+    s.add_argument("--label", type=str, default=None,
+                   help="conditional VAE: samples of this label, a class name or 0..C-1 (default: row r shows label r %% C)")  # fmt: skip
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="samples.png",
                    help="PNG file (default: samples.png in the current folder, as interpolate, manifold and "

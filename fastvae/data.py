@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from fastvae.config import describe_data
 from fastvae.errors import FastVAEError
+from fastvae.inputs import read_arrays, read_image_folder
 
 # Fraction of a single-array user file held out as its test split.
 HOLDOUT_FRACTION = 0.1
@@ -26,13 +29,16 @@ HOLDOUT_FRACTION = 0.1
 
 @dataclass
 class Dataset:
-    """Train and test arrays of shape (N, *data_shape), uint8 0..255 or float32 in the data's range."""
+    """Train and test arrays of shape (N, *data_shape), uint8 0..255 or float32 in the data's range;
+    ``classes``: the class names of the labels (label i is ``classes[i]``) when known (a folder of images
+    in class subfolders)."""
 
     name: str
     x_train: np.ndarray
     x_test: np.ndarray
     y_train: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    classes: tuple[str, ...] | None = None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -44,8 +50,6 @@ def mnist_path() -> Path:
     return Path(str(resources.files("fastvae.datasets").joinpath("mnist.npz")))
 
 
-# Image files a folder of images may hold (read through Pillow).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The fixed seed of the shuffle that holds out a folder's test split (a folder is sorted by class).
 FOLDER_SPLIT_SEED = 0
 
@@ -62,15 +66,18 @@ def load_dataset(
 
     ``source``: "mnist" (bundled); a ``.npy``/``.npz`` file; a folder of PNG/JPEG images (labels from
     subfolder names when there are subfolders, as torchvision's ImageFolder); a numpy array or torch
-    tensor (N, ...); a ``(train, test)`` pair of those; or a map-style torch ``Dataset`` (materialised
-    once). A ``.npz`` with ``x_train`` and ``x_test`` is its own split; any other single source holds out
-    its last 10% as the test split (a folder is shuffled first, with a fixed seed).
+    tensor (N, ...); a ``(train, test)`` pair of those; a dict or an opened ``np.load(...npz)`` holding
+    x_train and x_test (and optionally y_train, y_test), or one array; or a map-style torch ``Dataset``
+    (materialised once). A ``.npz`` with ``x_train`` and ``x_test`` is its own split; any other single
+    source holds out its last 10% as the test split (a folder is shuffled first, with a fixed seed).
     """
     if isinstance(source, Dataset):
         return _checked_split(source.name, source.x_train, source.x_test, source.y_train, source.y_test,
-                              likelihood)  # fmt: skip
+                              likelihood, classes=source.classes)  # fmt: skip
     if isinstance(source, (str, os.PathLike)):
         return _load_path(str(source), likelihood, image_size, grayscale, progress)
+    if isinstance(source, (Mapping, np.lib.npyio.NpzFile)):
+        return _from_arrays(describe_data(source), _mapping_arrays(source), likelihood, "data")
     if isinstance(source, (tuple, list)):
         if len(source) != 2:
             raise FastVAEError(f"data: a sequence must be a (train, test) pair, got {len(source)} items")
@@ -89,25 +96,57 @@ def _load_path(source: str, likelihood: str, image_size, grayscale: bool, progre
     if path.is_dir() and path.suffix in (".npy", ".npz"):
         raise FastVAEError(f"{path}: is a directory, expected a .npy or .npz file")
     if path.is_dir():
-        x, y = read_image_folder(path, image_size, grayscale, progress)
+        x, y, classes = read_image_folder(path, image_size, True if grayscale else None, progress)
         order = np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(x))
         x, y = x[order], (None if y is None else y[order])
-        return _held_out(path.name, validate_array(x, likelihood, str(path)), y, str(path))
-    arrays = _read_arrays(path)
+        return _held_out(path.name, validate_array(x, likelihood, str(path)), y, str(path), classes)
+    return _from_arrays(path.name, read_arrays(path), likelihood, str(path))
+
+
+def _mapping_arrays(source: Any) -> dict[str, Any]:
+    """The arrays of a dict or of an opened .npz (``np.load``), read once; one line when one is
+    unreadable (a truncated archive) or a key is not a string."""
+    keys = list(source.keys())
+    if not all(isinstance(k, str) for k in keys):
+        raise FastVAEError(f"data: a dict of arrays needs string keys (x_train, x_test, ...), got {keys!r:.80}")
+    try:
+        return {k: source[k] for k in keys}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise FastVAEError(f"data: an array of the .npz is unreadable ({first})") from None
+
+
+def _from_arrays(name: str, arrays: dict[str, Any], likelihood: str, where: str) -> Dataset:
+    """A split from named arrays (a .npz file, a dict): x_train and x_test (and y_train, y_test) are
+    the split; one array alone is held out as usual."""
     if "x_train" in arrays and "x_test" in arrays:
-        return _checked_split(path.name, arrays["x_train"], arrays["x_test"], arrays.get("y_train"),
-                              arrays.get("y_test"), likelihood, f"{path}")  # fmt: skip
+        pairs = {k: _in_memory(arrays[k], f"{where}[{k}]", False)[0] for k in ("x_train", "x_test")}
+        labels = {k: _label_array(arrays.get(k), f"{where}[{k}]") for k in ("y_train", "y_test")}
+        return _checked_split(name, pairs["x_train"], pairs["x_test"], labels["y_train"], labels["y_test"],
+                              likelihood, where)  # fmt: skip
     if len(arrays) != 1:
         raise FastVAEError(
-            f"{path}: expected one array, or x_train and x_test, found {', '.join(sorted(arrays)) or 'none'}"
+            f"{where}: expected one array, or x_train and x_test, found {', '.join(sorted(arrays)) or 'none'}"
         )
-    return _held_out(path.name, validate_array(next(iter(arrays.values())), likelihood, str(path)), None,
-                     str(path))  # fmt: skip
+    x = _in_memory(next(iter(arrays.values())), where, False)[0]
+    return _held_out(name, validate_array(x, likelihood, where), None, where)
+
+
+def _label_array(y: Any, name: str) -> np.ndarray | None:
+    """Labels given as an array or a tensor (or None), as numpy for ``validate_labels``."""
+    if y is None or isinstance(y, np.ndarray):
+        return y
+    if isinstance(y, torch.Tensor):
+        return _tensor_numpy(y)
+    if isinstance(y, (list, tuple)):
+        return np.asarray(y) if all(isinstance(v, (int, np.integer)) for v in y) else np.asarray(y, object)
+    raise FastVAEError(f"{name}: labels must be an array or a tensor, got {type(y).__name__}")
 
 
 def _checked_split(
-    name: str, x_train, x_test, y_train, y_test, likelihood: str, where: str = "data"
-) -> Dataset:
+    name: str, x_train, x_test, y_train, y_test, likelihood: str, where: str = "data",
+    classes: tuple[str, ...] | None = None,
+) -> Dataset:  # fmt: skip
     """A given split, each part through ``validate_array``/``validate_labels``."""
     x_train = validate_array(x_train, likelihood, f"{where}[x_train]")
     x_test = validate_array(x_test, likelihood, f"{where}[x_test]")
@@ -117,17 +156,19 @@ def _checked_split(
         )
     y_train = validate_labels(y_train, len(x_train), f"{where}[y_train]")
     y_test = validate_labels(y_test, len(x_test), f"{where}[y_test]")
-    return Dataset(name, x_train, x_test, y_train, y_test)
+    return Dataset(name, x_train, x_test, y_train, y_test, classes)
 
 
-def _held_out(name: str, x: np.ndarray, y: np.ndarray | None, where: str) -> Dataset:
+def _held_out(
+    name: str, x: np.ndarray, y: np.ndarray | None, where: str, classes: tuple[str, ...] | None = None
+) -> Dataset:
     """One validated array split into train and its last ``HOLDOUT_FRACTION`` as test."""
     if len(x) < 2:
         raise FastVAEError(f"{where}: need at least 2 samples to hold out a test split, found {len(x)}")
     y = validate_labels(y, len(x), f"{where} labels")
     n_test = max(1, int(round(len(x) * HOLDOUT_FRACTION)))
     y_train, y_test = (None, None) if y is None else (y[:-n_test], y[-n_test:])
-    return Dataset(name, x[:-n_test], x[-n_test:], y_train, y_test)
+    return Dataset(name, x[:-n_test], x[-n_test:], y_train, y_test, classes)
 
 
 def is_in_memory(recorded: str) -> bool:
@@ -143,11 +184,17 @@ def _in_memory(obj: Any, name: str, progress: bool) -> tuple[Any, np.ndarray | N
         return _tensor_numpy(obj), None
     if isinstance(obj, (str, os.PathLike)):
         raise FastVAEError(f"{name}: a path inside a (train, test) pair is not supported; pass arrays")
+    if isinstance(obj, (bytes, bytearray)):  # an opened .npz member that is no .npy
+        raise FastVAEError(f"{name}: not an array (raw bytes)")
+    if isinstance(obj, (Mapping, np.lib.npyio.NpzFile)):
+        raise FastVAEError(
+            f"{name}: a dict of arrays is taken only as the whole data (x_train, x_test, y_train, y_test)"
+        )
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
         return materialise(obj, name, progress)
     raise FastVAEError(
         f"{name}: unsupported data of type {type(obj).__name__}; pass a path, a numpy array, a torch tensor, "
-        "a (train, test) pair or a map-style torch Dataset"
+        "a dict with x_train and x_test, a (train, test) pair or a map-style torch Dataset"
     )
 
 
@@ -160,9 +207,16 @@ def _item_array(v: Any) -> np.ndarray:
     return _tensor_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)  # PIL images, lists, numbers
 
 
+# Kinds of item arrays that may share one data array: mixing them would reinterpret values (uint8 pixels
+# 0..255 next to floats in [0, 1]: the floats would be cast to 0 or the pixels read as 255x too bright).
+_KINDS = {"b": "bool", "u": "integer", "i": "integer", "f": "float"}
+
+
 def materialise(ds: Any, name: str = "data", progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a map-style Dataset once into one array (N, ...), with a progress bar. Items are samples, or
-    ``(sample, label, ...)`` tuples (labels kept when they are scalars)."""
+    ``(sample, label, ...)`` tuples with integer scalar labels. Items must agree in shape and in kind of
+    dtype (all integer pixels or all floats: a mix is refused, never guessed); labels must be integers,
+    on every item or on none."""
     from tqdm import tqdm
 
     n = len(ds)
@@ -170,104 +224,69 @@ def materialise(ds: Any, name: str = "data", progress: bool = True) -> tuple[np.
         raise FastVAEError(f"{name}: the Dataset is empty")
     x = y = None
     for i in tqdm(range(n), desc="reading dataset", disable=not progress, leave=False, unit="item"):
-        item = ds[i]
-        label = None
-        if isinstance(item, (tuple, list)):
-            item, label = item[0], (item[1] if len(item) > 1 else None)
+        item, label = _split_item(ds[i], name, i)
         a = _item_array(item)
+        kind = _KINDS.get(a.dtype.kind)
+        if kind is None:
+            raise FastVAEError(f"{name}: item {i} holds {a.dtype} values; samples must be numbers (int or float)")
         if x is None:
             x = np.empty((n, *a.shape), dtype=a.dtype)
-            y = np.empty(n, np.float64) if label is not None and _item_array(label).ndim == 0 else None
+            y = None if label is None else np.empty(n, np.int64)
         if a.shape != x.shape[1:]:
             raise FastVAEError(f"{name}: item {i} has shape {a.shape}, item 0 has {x.shape[1:]}")
+        if kind != _KINDS[x.dtype.kind]:
+            raise FastVAEError(
+                f"{name}: item {i} is {a.dtype}, item 0 is {x.dtype}: every item must be one kind (uint8 "
+                "pixels 0..255 or floats in the data's range), or values would be misread; convert them alike"
+            )
+        if not np.can_cast(a.dtype, x.dtype):
+            x = x.astype(np.result_type(x.dtype, a.dtype))  # float32 then float64, int8 then int16: widen
         x[i] = a
+        if (label is None) != (y is None):
+            raise FastVAEError(
+                f"{name}: item {i} {'has no label' if label is None else 'has a label'}, item 0 "
+                f"{'has one' if label is None else 'has none'}: label every item or none"
+            )
         if y is not None:
-            y[i] = float(_item_array(label))
+            y[i] = _int_label(label, name, i)
     return x, y
 
 
-def _image_files(path: Path) -> tuple[list[Path], np.ndarray | None]:
-    """The image files of a folder in a fixed order, and labels from their subfolders (ImageFolder's rule:
-    classes are the sorted subfolder names)."""
-
-    def images(folder: Path, recursive: bool) -> list[Path]:
-        found = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-    classes = sorted(
-        d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and images(d, True)
-    )
-    top = images(path, False)
-    if classes and top:
+def _split_item(item: Any, name: str, i: int) -> tuple[Any, Any]:
+    """(sample, label or None) of one Dataset item; dicts refused in words about dicts."""
+    if isinstance(item, Mapping):
+        keys = ", ".join(repr(k) for k in list(item)[:6])
         raise FastVAEError(
-            f"{path}: holds images both at its top level and in subfolders; use one or the other"
+            f"{name}: item {i} is a dict ({keys}); fastvae reads items that are a sample or a (sample, label) "
+            "tuple: wrap the Dataset so __getitem__ returns them"
         )
-    if not classes:
-        if not top:
-            raise FastVAEError(f"{path}: no PNG or JPEG images in this folder (nor in its subfolders)")
-        return top, None
-    files, labels = [], []
-    for label, d in enumerate(classes):
-        found = images(d, True)
-        files += found
-        labels += [label] * len(found)
-    return files, np.asarray(labels, np.int64)
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise FastVAEError(f"{name}: item {i} is an empty {type(item).__name__}")
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
 
 
-def read_image_folder(
-    path: str | os.PathLike,
-    image_size: tuple[int, int] | None = None,
-    grayscale: bool = False,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """A folder of PNG/JPEG images as one uint8 array (N, H, W) (greyscale) or (N, H, W, 3), and labels
-    from subfolder names or None. Images are greyscale when ``grayscale`` or when every image is; they
-    must share one size unless ``image_size`` (H, W) resizes them."""
-    from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
-
-    from fastvae.limits import check_fits
-
-    path = Path(path)
-    files, labels = _image_files(path)
-    first = _open_image(files[0], Image, UnidentifiedImageError)
-    h, w = image_size if image_size else (first.height, first.width)
-    mode = "L" if grayscale or all(_is_grey(f, Image) for f in files) else "RGB"
-    shape = (len(files), h, w) if mode == "L" else (len(files), h, w, 3)
-    check_fits(
-        int(np.prod(shape)), f"{len(files):,} images of {h}x{w}", "pass a smaller image_size / --image-size"
-    )
-    x = np.empty(shape, np.uint8)
-    for i, f in enumerate(tqdm(files, desc="reading images", disable=not progress, leave=False, unit="img")):
-        img = _open_image(f, Image, UnidentifiedImageError).convert(mode)
-        if image_size:
-            img = img.resize((w, h), Image.BILINEAR)
-        elif img.size != (w, h):
-            raise FastVAEError(
-                f"{f}: {img.height}x{img.width} pixels, {files[0].name} has {h}x{w}; pass image_size=(H, W) "
-                "(--image-size H,W) to resize them all"
-            )
-        x[i] = np.asarray(img)
-    return x, labels
-
-
-def _open_image(f: Path, image_module: Any, unidentified: type) -> Any:
-    try:
-        img = image_module.open(f)
-        img.load()
-        return img
-    except (unidentified, OSError, ValueError) as exc:
+def _int_label(label: Any, name: str, i: int) -> int:
+    """One Dataset item's label as an int: an integer scalar (or an integral float); strings, vectors
+    (one-hot) and other objects refused in one line."""
+    a = _item_array(label) if not isinstance(label, str) else np.asarray(label, object)
+    if a.ndim != 0:
         raise FastVAEError(
-            f"{f}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        ) from None
-
-
-def _is_grey(f: Path, image_module: Any) -> bool:
-    try:
-        with image_module.open(f) as img:  # reads the header only
-            return img.mode in ("1", "L", "I", "I;16", "F")
-    except Exception:  # an unreadable file is reported when it is read
-        return False
+            f"{name}: item {i}'s label has shape {a.shape}; labels must be integer scalars (for a one-hot "
+            "vector, give its argmax)"
+        )
+    v = a.item()
+    if isinstance(v, (bool, np.bool_)) or isinstance(v, (int, np.integer)):
+        if not -(2**63) <= int(v) < 2**63:
+            raise FastVAEError(f"{name}: item {i}'s label {int(v)} does not fit in 64 bits")
+        return int(v)
+    if isinstance(v, float) and np.isfinite(v) and v == round(v) and abs(v) < 2**63:
+        return int(v)
+    raise FastVAEError(
+        f"{name}: item {i}'s label is {v!r:.40} ({type(v).__name__}); labels must be integers 0..C-1 "
+        "(map class names to integers)"
+    )
 
 
 def load_array(
@@ -279,26 +298,28 @@ def load_array(
     progress: bool = True,
 ) -> np.ndarray:
     """One validated array (N, ...) from a file, a folder of images, an array, a tensor or a Dataset, or the
-    MNIST test split for "mnist"."""
-    if not isinstance(source, (str, os.PathLike)):
+    MNIST test split for "mnist"; a .npz, a dict or an opened .npz gives its x_test, x or only array."""
+    if isinstance(source, (Mapping, np.lib.npyio.NpzFile)):
+        arrays, where = _mapping_arrays(source), "data"
+    elif not isinstance(source, (str, os.PathLike)):
         return validate_array(_in_memory(source, "data", progress)[0], likelihood, "data")
-    if source == "mnist":
+    elif source == "mnist":
         return load_dataset("mnist").x_test
-    path = Path(source)
-    if path.is_dir():
-        return validate_array(
-            read_image_folder(path, image_size, grayscale, progress)[0], likelihood, str(path)
-        )
-    arrays = _read_arrays(path)
+    elif Path(source).is_dir():
+        folder = read_image_folder(source, image_size, True if grayscale else None, progress)
+        return validate_array(folder.x, likelihood, str(source))
+    else:
+        arrays, where = read_arrays(source), str(source)
     key = "x_test" if "x_test" in arrays else ("x" if "x" in arrays else None)
     if key is None and len(arrays) != 1:
-        raise FastVAEError(f"{path}: expected one array (or x / x_test), found {', '.join(sorted(arrays))}")
-    return validate_array(arrays[key] if key else next(iter(arrays.values())), likelihood, str(path))
+        raise FastVAEError(f"{where}: expected one array (or x / x_test), found {', '.join(sorted(arrays))}")
+    x = _in_memory(arrays[key] if key else next(iter(arrays.values())), where, False)[0]
+    return validate_array(x, likelihood, where)
 
 
 def load_labels(source: str | os.PathLike, n: int) -> np.ndarray:
     """n integer labels from a .npy, or a .npz's y_test / y (or its one array); one clear line otherwise."""
-    arrays = _read_arrays(Path(source))
+    arrays = read_arrays(Path(source))
     key = next((k for k in ("y_test", "y") if k in arrays), None)
     if key is None and len(arrays) != 1:
         raise FastVAEError(
@@ -307,24 +328,27 @@ def load_labels(source: str | os.PathLike, n: int) -> np.ndarray:
     return validate_labels(arrays[key] if key else next(iter(arrays.values())), n, str(source))
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise FastVAEError(f"{path}: no such data file")
-    if not path.is_file():  # a FIFO or a device: a read would block or never end
-        raise FastVAEError(f"{path}: not a regular file, expected a .npy or .npz file")
-    if path.suffix not in (".npy", ".npz"):
-        raise FastVAEError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .npy or .npz")
+def resolve_label(label: str | int | None, classes: Sequence[str] | None) -> int | None:
+    """A label given by the user (``--label``) as the integer the model takes: a class name recorded by
+    the run (a folder's subfolder names; a name wins over the same digits read as an index, so a folder
+    of classes "1".."10" takes ``--label 7`` as the class "7"), else an integer >= 0. None stays None."""
+    if label is None or isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return None if label is None else int(label)
+    if classes is not None and not (
+        isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
+    ):
+        raise FastVAEError(f"the run's recorded classes are not a list of names: {classes!r:.60}")
+    text = str(label).strip()
+    if classes and text in classes:
+        return list(classes).index(text)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # .npy content, whatever the name says
-            return {"x": loaded}
-        with loaded as f:
-            return {k: f[k] for k in f.files}
-    except MemoryError:
-        raise FastVAEError(f"{path}: the arrays do not fit in memory") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # truncated, pickled, foreign
-        raise FastVAEError(f"{path}: not a readable NumPy file ({first})") from None
+        value = int(text)
+    except ValueError:
+        known = f"a class of this run ({', '.join(classes)[:200]}) nor " if classes else ""
+        raise FastVAEError(f"--label {text!r:.40} is neither {known}an integer label") from None
+    if value < 0:
+        raise FastVAEError(f"--label must be >= 0, got {value}")
+    return value
 
 
 def validate_array(x: np.ndarray, likelihood: str, name: str) -> np.ndarray:
@@ -374,7 +398,8 @@ def validate_labels(y: np.ndarray | None, n: int, name: str) -> np.ndarray | Non
         raise FastVAEError(f"{name}: expected {n} labels in a 1-D array (one per sample), got shape {shape}")
     if y.dtype == np.bool_ or np.issubdtype(y.dtype, np.integer):
         return y.astype(np.int64)
-    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+    integral = np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all()
+    if integral and (not y.size or np.abs(y).max() < 2**63):  # beyond int64, astype would wrap
         return y.astype(np.int64)
     raise FastVAEError(f"{name}: labels must be integers, got dtype {y.dtype}")
 

@@ -293,6 +293,8 @@ class _Run:
             "fastvae_version": fastvae.__version__,
             "data_blake2b": data_digest(data, self.model_cfg.conditional),  # checked on --resume
         }
+        if data.classes:  # a folder's class names: label i is classes[i] (``--label NAME``)
+            self.doc["classes"] = list(data.classes)
         # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
         self.step, self.metrics, self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0, [], 0.0, 0.0, 0
         if resuming:

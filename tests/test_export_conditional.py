@@ -106,3 +106,44 @@ def test_labels_are_checked_before_the_graph(parts):
         s.decode(z, np.array([0, 5]))
     with pytest.raises(FastVAEError, match="2 integers"):
         s.decode(z, np.array([0.5, 1.0]))
+
+
+def test_encoder_cli_with_truncated_labels_or_inputs_is_one_line(run_dir, parts, tmp_path, no_torch_env):
+    with np.load(run_dir[1]) as f:
+        x, y = f["x_test"][:20], f["y_test"][:20]
+    np.savez(tmp_path / "in.npz", x=x)
+    np.savez(tmp_path / "labels.npz", y=y)
+    np.savez(tmp_path / "both.npz", x=x, y=y)
+    cmd = [sys.executable, "-m", "fastvae.export.encode", str(parts["encoder"])]
+    ok = subprocess.run([*cmd, str(tmp_path / "in.npz"), "--labels", str(tmp_path / "labels.npz"), "--out",
+                         str(tmp_path / "mu.npy")], capture_output=True, text=True, env=no_torch_env, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "mu.npy"), Encoder(parts["encoder"]).encode(x, y)[0], atol=1e-6)
+    for name in ("labels.npz", "both.npz"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) - 40])
+    for args in (["in.npz", "--labels", "labels.npz"], ["both.npz"]):
+        bad = subprocess.run([*cmd, *(str(tmp_path / a) if a.endswith(".npz") else a for a in args), "--out",
+                              str(tmp_path / "b.npy")], capture_output=True, text=True, env=no_torch_env, timeout=120)  # fmt: skip
+        lines = [ln for ln in bad.stderr.strip().splitlines() if ln not in ("NO_TORCH", "TORCH_LOADED")]
+        assert bad.returncode == 2 and len(lines) == 1 and "not a readable NumPy file" in lines[0], bad.stderr
+        assert "NO_TORCH" in bad.stderr
+    assert not (tmp_path / "b.npy").exists()
+
+
+def test_encoder_cli_takes_labels_from_class_subfolders(run_dir, parts, tmp_path, no_torch_env):
+    """A folder in class subfolders is labelled as training labels it: the i-th sorted subfolder is y = i."""
+    from PIL import Image
+
+    with np.load(run_dir[1]) as f:
+        x, y = f["x_test"][:12], f["y_test"][:12]
+    order = np.argsort(y, kind="stable")  # the folder's order: by class, then by name
+    for j, i in enumerate(order):
+        (tmp_path / "imgs" / f"class{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(tmp_path / "imgs" / f"class{y[i]}" / f"{j:03d}.png")
+    cmd = [sys.executable, "-m", "fastvae.export.encode", str(parts["encoder"]), str(tmp_path / "imgs")]
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "mu.npy")], capture_output=True, text=True,
+                        env=no_torch_env, timeout=120)  # fmt: skip
+    assert ok.returncode == 0 and "NO_TORCH" in ok.stderr, ok.stderr
+    want = Encoder(parts["encoder"]).encode(x[order], y[order])[0]
+    np.testing.assert_allclose(np.load(tmp_path / "mu.npy"), want, atol=1e-6)

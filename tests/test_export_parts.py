@@ -221,3 +221,27 @@ def test_fastvae_export_cli_all_parts(run_dir, tmp_path):
         main(["export", str(run_dir), "--part", "encoder", "--iw", "3", "--out", str(tmp_path / "e.onnx")])
         == 2
     )
+
+
+def test_encoder_cli_reads_class_folders_jpegs_and_16bit_pngs(parts, tmp_path, no_torch_env):
+    """The torch-free encoder reads a folder as training does (issue 28): class subfolders, JPEGs, and
+    16-bit PNGs by their high byte, each compared with an independent decoding of its file."""
+    from tests.test_data import png16
+
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    want = []
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "a" / "0.png")
+    want.append(np.asarray(Image.open(folder / "a" / "0.png")))
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "a" / "1.jpg")
+    want.append(np.asarray(Image.open(folder / "a" / "1.jpg").convert("L")))
+    v = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    png16(folder / "b" / "2.png", v)
+    want.append((v >> 8).astype(np.uint8))
+    p = _cli("fastvae.export.encode", [parts["encoder"], folder, "--out", tmp_path / "mu.npy"], no_torch_env)
+    assert p.returncode == 0 and "NO_TORCH" in p.stderr, p.stderr
+    np.testing.assert_allclose(
+        np.load(tmp_path / "mu.npy"), Encoder(parts["encoder"]).encode(np.stack(want))[0], atol=1e-6
+    )
