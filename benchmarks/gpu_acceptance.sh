@@ -79,7 +79,10 @@ done
 summary_init
 for stage in ${STAGES//,/ }; do
     run_stage "$stage"
-    if [ "$stage" = env ] && [ -f "$RUN/env.sh" ]; then source "$RUN/env.sh"; fi  # the install's outcome
+    if [ "$stage" = env ]; then  # the install's outcome; a stage killed before it says: the shadow tree
+        if [ -f "$RUN/env.sh" ]; then source "$RUN/env.sh"; else make_shadow
+            export INSTALL_MODE=shadow PYTHONPATH=$WORK/shadow${PYTHONPATH:+:$PYTHONPATH} RUNDIR=$WORK; fi
+    fi
 done
 if [ "${STATUS[copy]}" = ok ]; then  # the README and summary again, now that the copy's own row is final
     "$PYTHON" "$ACC/stage_report.py" readme "$RUN" && cp "$RUN/README.md" "$RUN/summary.md" "$RESULTS/$NAME/" &&
