@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.sh"
+STAGES = ("env", "correctness", "record", "sweep", "quality", "copy")
 sys.path.insert(0, str(REPO / "benchmarks" / "acceptance"))
 
 import stage_report  # noqa: E402
@@ -38,7 +39,7 @@ def _rows(summary: str) -> dict[str, str]:
     rows = {}
     for line in summary.splitlines():
         cells = [c.strip() for c in line.split("|")]
-        if len(cells) > 4 and cells[1].isdigit():
+        if len(cells) > 4 and cells[1].isdigit() and cells[2].split(" ")[0] in STAGES:
             rows[cells[2].split(" ")[0]] = cells[3]
     return rows
 

@@ -130,6 +130,12 @@ body_env() {
     [ "$DRY" = 1 ] && args=(install --dry-run --no-deps --no-build-isolation --no-input -e "$REPO")
     (cd "$REPO" && timeout "$(min 20 "$(left 8)")" "$PYTHON" -m pip "${args[@]}") >"$RUN/install.log" 2>&1
     rc=$?
+    # pip can succeed and still leave fastvae.kernels unmapped (an old editable finder): check the import
+    if [ "$rc" = 0 ] && ! (cd "$RUNDIR" && timeout "$(left 5)" "$PYTHON" -c "import fastvae.kernels, fastvae.export") \
+        >>"$RUN/install.log" 2>&1; then
+        echo "pip succeeded but fastvae.kernels / fastvae.export do not import" >>"$RUN/install.log"
+        rc=98
+    fi
     if [ "$rc" != 0 ]; then
         mode=shadow
         make_shadow
