@@ -46,6 +46,9 @@ LR = 1e-3
 GRAPH_WARMUP = 3
 STEP_CONTENDERS = ("eager", "eager+graph", "compile", "fastvae")
 CPU_CONTENDERS = ("examples-loop", "eager", "compile", "fastvae")
+# The compile contender's torch.compile mode; fastvae.bench_gpu sets it per cell (a mode that compiles
+# within its deadline) and records which one ran.
+COMPILE_MODE = "max-autotune"
 
 
 @dataclass
@@ -184,7 +187,7 @@ def _graph_step(ws: WholeStep) -> Callable[[], None]:
 def _compiled_step(ws: WholeStep) -> Callable[[], None]:
     """The step function under torch.compile(max-autotune). ``Optimizer.zero_grad`` stays outside:
     dynamo skips it by design (a graph break) and it launches nothing (grads are set to None)."""
-    compiled = torch.compile(ws.body, mode="max-autotune")
+    compiled = torch.compile(ws.body, mode=COMPILE_MODE)
 
     def step() -> None:
         ws.opt.zero_grad(set_to_none=True)
