@@ -92,6 +92,30 @@ def test_fused_negative_elbo_and_all_gradients_equal_the_reference(cfg, batch, m
         assert rel(p.grad, q.grad) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("batch", [37, 600], ids=["B37-64x64", "B600-128x128-splitK"])
+def test_tf32_weight_gradient_tiles_equal_the_reference(batch, monkeypatch):
+    """The TF32 weight-gradient tiles: 64 x 64 with 4 warps where 64 x 128 would leave fewer than 96 CTAs (B =
+    37), 128 x 128 in 16-row chunks on a split batch (B = 600, 4 splits), against float64. The interpreter
+    does not round dots to TF32 (so this checks the tiling at fp32 accuracy there); a GPU does (TF32
+    tolerance either way)."""
+    from fastvae.kernels import vae
+
+    split_k_from(monkeypatch, 128)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    chosen = []
+    monkeypatch.setattr(
+        vae, "wgrad_tiles", lambda *a: chosen.append(heuristics.wgrad_tiles(*a)) or chosen[-1]
+    )
+    ref, fused = pair(ODD)
+    x, eps, g = torch.rand(batch, 50), torch.randn(batch, 5), torch.rand(batch)
+    (fused.negative_elbo(x.to(DEVICE), eps.to(DEVICE)) * g.to(DEVICE)).sum().backward()
+    (ref.negative_elbo(x.double(), eps.double()) * g.double()).sum().backward()
+    want = heuristics.WgradTiles(64, 64, 32, 4) if batch == 37 else heuristics.WgradTiles(128, 128, 16, 8)
+    assert chosen == [want]
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert rel(p.grad, q.grad) < TOL["tf32"], name
+
+
 def test_mean_reduction_and_beta():
     cfg = ODD.replace(beta=0.3)
     ref, fused = pair(cfg, seed=1)
