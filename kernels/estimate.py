@@ -10,7 +10,8 @@ whether its PTX has asynchronous copies) turns the work into time:
   time); HBM bytes: compulsory, each tensor the kernel touches once;
 - elementwise ALU work: the binarization hash, Philox noise, exp / log of the loss;
 - the chain of dependent global loads one CTA waits on (``dependent_loads``): each trip of a loop whose loads
-  are synchronous costs a full load latency, since the loop neither prefetches nor overlaps its trips.
+  are synchronous costs a full load latency, since the loop neither prefetches nor overlaps its trips. Loop
+  trip counts come from the launch shapes (K / BLOCK_K, rows per split / BLOCK_R, partial tiles T, ...).
 
 Model (per kernel):
 
@@ -25,8 +26,13 @@ Assumptions (``H100``; none of them measured here, the GPU acceptance run puts m
   bf16 and 494 TFLOP/s TF32 on wgmma, half of that for mma.sync, 67 TFLOP/s fp32 FMA (IEEE dots);
   ALU work at 64 ops / clock / SM (the int32 multiply rate); HBM3 3.35 TB/s; L2 5.5 TB/s.
 - 2 µs per kernel inside a CUDA graph (launch floor), kernels run back to back, no overlap.
-- 500 cycles for each dependent synchronous global load (L2 hit latency under load); a loop with
-  asynchronous copies (cp.async / TMA in the PTX) pays it once, for its prologue.
+- A step whose compulsory bytes (summed over its kernels) fit in 40 MB stays L2-resident between replays:
+  its kernels read only the gathered data rows from HBM. Otherwise every kernel pays its compulsory bytes.
+- 500 cycles for each dependent synchronous global load (L2 hit latency under load). Whether the main
+  (dot) loop waits on its loads is read from the compiled PTX (``resources.main_loop``): a main loop with any
+  ``ld.global`` waits a full latency per trip (the loads of a trip are issued together, so one latency per
+  trip, not per load); one whose loads are all ``cp.async`` pays it once, for its prologue. Other loops
+  (partial sums, the group scan, the Adam slices) are counted as synchronous, one latency per trip.
 - Op counts: the binarization hash 12 ops per pixel, Philox + Box-Muller 70 per latent element, the BCE
   and its gradient 25 per output element, Adam 20 per parameter.
 - A persistent whole-step kernel (not built): the same per-stage times without the launch floors, one grid
@@ -56,6 +62,7 @@ class Machine:
     hbm_bytes_per_s: float = 3.35e12
     l2_bytes_per_s: float = 5.5e12
     grid_barrier_s: float = 1e-6
+    l2_resident_bytes: float = 40e6  # a step whose tensors fit in this share of the 50 MB L2 stays there
     gemm_floor_fraction: float = 0.4  # the issue's GEMM floor: needed FLOPs at 40 % of the dense peak
 
 
@@ -74,6 +81,7 @@ class Work:
     l2_bytes: float = 0.0
     hbm_bytes: float = 0.0
     alu_ops: float = 0.0
+    cold_bytes: float = 0.0  # read from HBM even when the step is L2-resident: the gathered data rows
     dependent_loads: int = 0
     async_loop: bool = False
 
@@ -112,6 +120,7 @@ def _layer_fwd(kw: dict, grid: tuple, pipelined: bool) -> Work:
         w.dependent_loads += _loop(trips, pipelined) + 1
         if mode == 1:  # A_GATHER: cursor -> batch indices -> pixels; x written once, by the first tile
             ex = _es(kw, "x_out_ptr")
+            w.cold_bytes += m * k  # the batch's uint8 rows of the resident data set (47 MB for MNIST)
             w.l2_bytes += m * k * ex
             w.hbm_bytes += m * k * ex
             w.dependent_loads += 2
@@ -255,7 +264,7 @@ _MODELS = {
 
 
 def kernel_work(launch, plan, pipelined: bool) -> Work:
-    """The counted work of one recorded launch (``pipelined``: its PTX has asynchronous copies)."""
+    """The counted work of one recorded launch (``pipelined``: its main loop has no synchronous load)."""
     if launch.name == "_grouped_wgrad_kernel":
         return _wgrad(launch.kwargs, launch.grid, pipelined, plan)
     if launch.name not in _MODELS:
@@ -271,10 +280,23 @@ def dot_rate(dot: str, dtype: torch.dtype, machine: Machine = H100) -> float:
     return peak * (machine.mma_sync_fraction if dot == "mma" else 1.0)
 
 
+def l2_resident(works: list[Work], machine: Machine = H100) -> bool:
+    """Does the step's working set stay in L2 between replays? Bounded by the sum of every kernel's
+    compulsory bytes (a tensor written by one kernel and read by the next counts twice: an overestimate)."""
+    return sum(w.hbm_bytes - w.cold_bytes for w in works) <= machine.l2_resident_bytes
+
+
 def estimate_kernel(
-    work: Work, ctas: int, ctas_per_sm: int, dot: str, dtype: torch.dtype, machine: Machine = H100
+    work: Work,
+    ctas: int,
+    ctas_per_sm: int,
+    dot: str,
+    dtype: torch.dtype,
+    resident: bool = False,
+    machine: Machine = H100,
 ) -> dict:
-    """ESTIMATE of one kernel's time from its counted work and occupancy (see the module docstring)."""
+    """ESTIMATE of one kernel's time from its counted work and occupancy (see the module docstring);
+    ``resident``: the step's working set stays in L2, so only ``cold_bytes`` come from HBM."""
     sms, cps = machine.sms, max(ctas_per_sm, 1)
     per_sm = math.ceil(ctas / sms)  # CTAs on the busiest SM
     rate = dot_rate(dot, dtype, machine) if dot != "none" else math.inf
@@ -287,7 +309,7 @@ def estimate_kernel(
     if last:
         waves_s += max(latency + cta_work, last * cta_work)
     l2_s = work.l2_bytes / machine.l2_bytes_per_s
-    hbm_s = work.hbm_bytes / machine.hbm_bytes_per_s
+    hbm_s = (work.cold_bytes if resident else work.hbm_bytes) / machine.hbm_bytes_per_s
     parts = {"waves": waves_s, "l2": l2_s, "hbm": hbm_s}
     bound = max(parts, key=parts.get)
     if bound == "waves":
@@ -320,6 +342,7 @@ def step_summary(kernels: list[dict], dtype: torch.dtype, machine: Machine = H10
     )
     floor = needed / (machine.gemm_floor_fraction * peak) * 1e6
     return dict(
+        l2_resident=sum(e["hbm_bytes"] - e["cold_bytes"] for e in est) <= machine.l2_resident_bytes,
         kernels=len(est),
         total_us=round(total, 2),
         launch_floor_us=round(len(est) * machine.launch_s * 1e6, 2),

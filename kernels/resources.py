@@ -64,6 +64,8 @@ class KernelReport:
     large_gemm: bool  # carries one of the 784 x H GEMMs (first encoder layer, output layer, their gradients)
     flags: dict
     async_copy: bool = False  # the PTX has cp.async (pipelined loads)
+    loop_sync_loads: int = 0  # ld.global in the main (dot) loop: each trip waits on its loads
+    loop_async_copies: int = 0  # cp.async in the main loop
     estimate: dict | None = None  # estimate.estimate_kernel: a paper model, not a timing
 
 
@@ -242,6 +244,35 @@ def _ptxas_info(ptx: str, arch: int, name: str) -> str:
     return proc.stderr
 
 
+_BLOCK = re.compile(r"^(\$L__BB\d+_\d+):(.*)$")
+
+
+def main_loop(ptx: str) -> dict:
+    """The largest loop of the PTX (the dot's reduction loop): its synchronous global loads (``ld.global``)
+    and asynchronous copies (``cp.async``). Blocks belong to a loop by LLVM's own comments: ``Loop Header``
+    on the header, ``in Loop: Header=BBx_y`` on the others."""
+    loops: dict[str, dict] = {}
+    current = None
+    for line in ptx.splitlines():
+        m = _BLOCK.match(line)
+        if m:
+            label, note = m.group(1).removeprefix("$L__"), m.group(2)
+            h = re.search(r"in Loop: Header=(BB\d+_\d+)", note)
+            current = label if "Loop Header" in note else (h.group(1) if h else None)
+            if current is not None:
+                loops.setdefault(current, {"lines": 0, "sync": 0, "async": 0})
+            continue
+        if current is not None:
+            lp = loops[current]
+            lp["lines"] += 1
+            lp["sync"] += "ld.global" in line
+            lp["async"] += "cp.async.c" in line or "cp.async.bulk" in line
+    if not loops:
+        return {"loop_sync_loads": 0, "loop_async_copies": 0}
+    big = max(loops.values(), key=lambda v: v["lines"])
+    return {"loop_sync_loads": big["sync"], "loop_async_copies": big["async"]}
+
+
 _COMPILED: dict = {}
 
 
@@ -279,6 +310,7 @@ def compile_launch(launch, arch: int = 90) -> dict:
         warps=int(compiled.metadata.num_warps),
         dot=dot,
         async_copy="cp.async" in ptx,  # cp.async / cp.async.bulk (TMA): a pipelined load
+        **main_loop(ptx),
     )
     _COMPILED[key] = res
     return res
@@ -311,24 +343,28 @@ def report(
     preset_name: str, batch: int, dtype: str, path: str = "engine", arch: int = 90
 ) -> tuple[object, list[KernelReport]]:
     """(plan, one row per launch of the step): compiled resources, occupancy and the estimated time."""
-    from fastvae.kernels.estimate import estimate_kernel, kernel_work
+    from fastvae.kernels.estimate import estimate_kernel, kernel_work, l2_resident
     from fastvae.kernels.heuristics import H100_SMS
 
     plan, launches = record_step(preset_name, batch, dtype, path)
+    compiled = [compile_launch(ln, arch) for ln in launches]
+    # the main loop's loads are all asynchronous (or it has none): one latency for its prologue
+    works = [kernel_work(ln, plan, r["loop_sync_loads"] == 0) for ln, r in zip(launches, compiled)]
+    resident = l2_resident(works)
     rows = []
-    for ln in launches:
-        r = compile_launch(ln, arch)
+    for ln, r, work in zip(launches, compiled, works):
         cps = occupancy(r["registers"], r["warps"], r["shared_bytes"])
         flags = {k: v for k, v in ln.kwargs.items() if k.isupper() and not k.startswith("BLOCK")}
         flags.update({k: v for k, v in ln.kwargs.items() if k.startswith("BLOCK")})
-        est = estimate_kernel(kernel_work(ln, plan, r["async_copy"]), ln.ctas, cps, r["dot"], plan.dtype)
+        est = estimate_kernel(work, ln.ctas, cps, r["dot"], plan.dtype, resident)
         rows.append(KernelReport(
             kernel=ln.name, grid=ln.grid, ctas=ln.ctas, warps=r["warps"], registers=r["registers"],
             spill_bytes=r["spill_bytes"], stack_bytes=r["stack_bytes"], shared_bytes=r["shared_bytes"],
             ctas_per_sm=cps, occupancy=round(cps * r["warps"] / SM_MAX_WARPS, 3),
             waves=round(ln.ctas / (H100_SMS * max(cps, 1)), 2), dot=r["dot"], large_gemm=_is_large_gemm(ln, plan),
             flags={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flags.items()},
-            async_copy=r["async_copy"], estimate=est,
+            async_copy=r["async_copy"], loop_sync_loads=r["loop_sync_loads"],
+            loop_async_copies=r["loop_async_copies"], estimate=est,
         ))  # fmt: skip
     return plan, rows
 
@@ -353,7 +389,7 @@ def format_table(doc: dict) -> str:
     )
     out = [f"{head}  (compiled for sm_90, not timed; est = ESTIMATE, kernels/estimate.py)",
            f"{'kernel':26s} {'grid':>12s} {'CTAs':>6s} {'warps':>5s} {'regs':>4s} {'spill':>5s} {'smem':>6s} "
-           f"{'CTA/SM':>6s} {'occ':>5s} {'waves':>5s} {'dot':>5s} {'est us':>7s} {'bound':>7s}  flags"]  # fmt: skip
+           f"{'CTA/SM':>6s} {'occ':>5s} {'waves':>5s} {'dot':>5s} {'ldg':>3s} {'est us':>7s} {'bound':>7s}  flags"]  # fmt: skip
     for r in doc["kernels"]:
         flags = " ".join(
             f"{k}={v}" for k, v in r["flags"].items() if v not in (False, None, 0) or k.startswith("BLOCK")
@@ -362,11 +398,39 @@ def format_table(doc: dict) -> str:
         out.append(
             f"{r['kernel']:26s} {'x'.join(map(str, r['grid'])):>12s} {r['ctas']:6d} {r['warps']:5d} "
             f"{r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} {r['ctas_per_sm']:6d} "
-            f"{r['occupancy']:5.2f} {r['waves']:5.2f} {r['dot']:>5s} {e['time_us']:7.2f} {e['bound']:>7s}  "
+            f"{r['occupancy']:5.2f} {r['waves']:5.2f} {r['dot']:>5s} {r['loop_sync_loads']:3d} {e['time_us']:7.2f} "
+            f"{e['bound']:>7s}  "
             f"{'*' if r['large_gemm'] else ' '} {flags}"
         )
-    out.append(f"{len(doc['kernels'])} kernels per step; * = carries a large (784 x H) GEMM")
+    out.append(
+        f"{len(doc['kernels'])} kernels per step; * = carries a large (784 x H) GEMM; "
+        "ldg = synchronous loads (ld.global) in the main loop's PTX"
+    )
     out.append(summary_line(doc))
+    return "\n".join(out)
+
+
+def kernel_label(row: dict) -> str:
+    """The kernel's name with what the launch fuses: (gather) / (latent) first layers, +head, +dz, +loss."""
+    f = row["flags"]
+    label = row["kernel"] + {1: " (gather)", 2: " (latent)"}.get(f.get("A_MODE"), "")
+    for flag, tag in (("BINARIZE", " +binarize"), ("LABEL", " +label"), ("HEAD", " +head"), ("DZ", " +dz"),
+                      ("FINALIZE", " +loss"), ("ROW_WEIGHTS", " +weights"), ("FUSED_ADAM", " +adam")):  # fmt: skip
+        label += tag if f.get(flag) else ""
+    return label
+
+
+def format_markdown(doc: dict) -> str:
+    """One cell as the README's markdown table (compiled resources; the time column is the ESTIMATE)."""
+    out = ["| kernel | grid | CTAs | warps | registers | spill B | smem B | CTAs/SM | occupancy | dot | est. µs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in doc["kernels"]:
+        star = " *" if r["large_gemm"] else ""
+        out.append(
+            f"| `{kernel_label(r)}`{star} | {'×'.join(map(str, r['grid']))} | {r['ctas']} | {r['warps']} | "
+            f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['ctas_per_sm']} | "
+            f"{r['occupancy']:.2f} | {r['dot']} | {r['estimate']['time_us']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -380,6 +444,21 @@ def summary_line(doc: dict) -> str:
     )
 
 
+def _parse_cell(text: str) -> tuple[str, int, str]:
+    parts = text.split(":")
+    if (
+        len(parts) != 3
+        or parts[0] not in PRESETS
+        or not parts[1].isdigit()
+        or int(parts[1]) < 1
+        or parts[2] not in DTYPES
+    ):
+        raise ValueError(
+            f"--cell wants PRESET:BATCH:DTYPE with PRESET in {PRESETS} and DTYPE in {DTYPES}, got {text!r}"
+        )
+    return parts[0], int(parts[1]), parts[2]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", action="append", choices=PRESETS)
@@ -387,6 +466,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", choices=DTYPES)
     p.add_argument("--path", choices=("engine", "module"), default="engine")
     p.add_argument("--matrix", action="store_true", help="every preset x batch (128, 1024, 16384) x dtype")
+    p.add_argument("--markdown", action="store_true", help="print each cell as the README's markdown table")
+    p.add_argument("--cell", action="append", metavar="PRESET:BATCH:DTYPE", help="one cell (repeatable)")
     p.add_argument(
         "--json", metavar="FILE", help="also write every row as JSON to FILE ('-' for stdout only)"
     )
@@ -400,14 +481,18 @@ def main(argv=None) -> int:
     presets = a.preset or (PRESETS if a.matrix else ("pytorch-example",))
     batches = a.batch or (BATCHES if a.matrix else (128,))
     dtypes = a.dtype or (DTYPES if a.matrix else ("fp32",))
+    cells = [(pr, b, dt) for pr in presets for b in batches for dt in dtypes]
+    if a.cell:
+        try:
+            cells = [_parse_cell(c) for c in a.cell]
+        except ValueError as exc:
+            p.error(str(exc))
     docs = []
-    for pr in presets:
-        for b in batches:
-            for dt in dtypes:
-                docs.append(cell(pr, b, dt, a.path))
-                if a.json != "-":
-                    print(format_table(docs[-1]), flush=True)
-                    print()
+    for pr, b, dt in cells:
+        docs.append(cell(pr, b, dt, a.path))
+        if a.json != "-":
+            print(format_markdown(docs[-1]) if a.markdown else format_table(docs[-1]), flush=True)
+            print()
     if a.json:
         text = json.dumps(docs, indent=1)
         if a.json == "-":
