@@ -118,3 +118,48 @@ def test_bad_cell_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "fastvae.kernels.resources", "--cell", "pytorch-example:0:fp32"],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "PRESET:BATCH:DTYPE" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_estimate_waves_latency_and_memory_bounds():
+    """The paper model's arithmetic on hand-made work (no compile): latency-bound waves, throughput-bound
+    waves, and a memory-bound kernel, against the formulas written out here."""
+    import torch
+
+    from fastvae.kernels.estimate import H100, Work, estimate_kernel
+
+    clock, lat, sms = H100.clock_hz, H100.load_latency_cycles, H100.sms
+    # 264 CTAs at 1 CTA/SM: 2 waves of one 10-load chain each, no work
+    e = estimate_kernel(Work(dependent_loads=10), 264, 1, "none", torch.float32)
+    assert e["waves"] == 2 and e["bound"] == "latency"
+    assert e["time_us"] == pytest.approx((H100.launch_s + 2 * 10 * lat / clock) * 1e6, abs=1e-3)
+    # the same CTAs at 2 CTAs/SM: one wave
+    assert estimate_kernel(Work(dependent_loads=10), 264, 2, "none", torch.float32)["waves"] == 1
+    # compute: 132 CTAs of FMA work, one per SM: each CTA's FLOPs at one SM's share of the FMA peak
+    flops = 132 * 1e9
+    e = estimate_kernel(Work(flops_padded=flops, dependent_loads=1), 132, 4, "FMA", torch.float32)
+    assert e["bound"] == "compute"
+    assert e["body_us"] == pytest.approx((1e9 / (H100.fma_flops / sms) + lat / clock) * 1e6, rel=1e-3)
+    # memory: HBM bytes count unless the step is L2-resident, then only the cold (gathered) bytes
+    w = Work(hbm_bytes=3.35e9, cold_bytes=0.0, l2_bytes=1.0, dependent_loads=1)
+    assert estimate_kernel(w, 132, 1, "none", torch.float32)["body_us"] == pytest.approx(1000.0, rel=1e-3)
+    assert estimate_kernel(w, 132, 1, "none", torch.float32, resident=True)["bound"] == "latency"
+
+
+def test_main_loop_reads_the_ptx_loop_comments():
+    from fastvae.kernels.resources import main_loop
+
+    ptx = "\n".join([
+        "\tld.global.b64 { %rd1 }, [ %rd2 + 0 ];",  # outside any loop
+        "$L__BB0_2:                              // =>This Inner Loop Header: Depth=1",
+        "\tcp.async.cg.shared.global [ %r1 + 0 ], [ %rd3 + 0 ], 0x10, %r2;",
+        "\t@%p7 ld.global.b16 { %rs1 }, [ %rd23 + 0 ];",
+        "$L__BB0_4:                              //   in Loop: Header=BB0_2 Depth=1",
+        "\t@%p8 ld.global.b16 { %rs2 }, [ %rd24 + 0 ];",
+        "\t@%p15 bra \t$L__BB0_2;",
+        "$L__BB0_3:                              // %._crit_edge",
+        "\tld.global.b32 { %r9 }, [ %rd5 + 0 ];",
+        "$L__BB0_7:                              // =>This Inner Loop Header: Depth=1",
+        "\tbra.uni \t$L__BB0_7;",
+    ])  # fmt: skip
+    assert main_loop(ptx) == {"loop_sync_loads": 2, "loop_async_copies": 1}
+    assert main_loop("ld.global.b32 { %r9 }, [ %rd5 + 0 ];") == {"loop_sync_loads": 0, "loop_async_copies": 0}
