@@ -1,16 +1,22 @@
 """Resource report: every kernel of a training step compiled for sm_90 exactly as the launchers specialise it.
 
-    python -m fastvae.kernels.resources [--preset pytorch-example] [--batch 128] [--dtype fp32] [--json]
-    python -m fastvae.kernels.resources --matrix          # presets x batches x dtypes, spill check
+    python -m fastvae.kernels.resources [--preset pytorch-example] [--batch 128] [--dtype fp32] [--json FILE]
+    python -m fastvae.kernels.resources --matrix          # presets x batches x dtypes (fp32, tf32, bf16)
+    python -m fastvae.kernels.resources --cell iwae:128:bf16 --markdown   # one cell, as the README's table
 
-No GPU needed. The step is run on ``meta`` tensors with launches recorded instead of run
+No GPU needed. The step is the one each preset trains: its TrainConfig (the preset's binarization,
+objective and K; ``+y10``: conditional over MNIST's 10 labels; the batch and dtype asked for) builds the
+trainer's own ``fastvae.engine.TrainStep`` over a FusedVAE on ``meta`` tensors, with the dtype's matmul
+precision (fp32: IEEE dots, tf32: TF32 dots), and its step is run with launches recorded instead of run
 (``heuristics.recording``), so every launch keeps its real arguments, grid and launch options. Each one is
 specialised as Triton's JIT would specialise it at run time (integers divisible by 16 or equal to 1;
 pointers aligned to 16 bytes, from the tensor's storage offset; None as a constexpr), compiled for
-``GPUTarget("cuda", 90, 32)``, and its PTX is run through the ``ptxas`` bundled with Triton with ``-v``. For
-each launch the report gives grid and CTAs, registers, spill bytes, shared memory, warps, occupancy on an
-H100 (65,536 registers, 64 warps, 228 KB shared memory and 32 CTAs per SM), and the dot instruction in the
-PTX (wgmma, mma.sync or FMA). These numbers are compiled, not timed.
+``GPUTarget("cuda", 90, 32)``, and its PTX is run through the ``ptxas`` bundled with Triton with ``-v``
+(results cached by PTX hash next to Triton's cache). For each launch the report gives grid and CTAs,
+registers, spill bytes, shared memory, warps, occupancy on an H100 (65,536 registers, 64 warps, 228 KB
+shared memory and 32 CTAs per SM), the dot instruction in the PTX (wgmma, mma.sync or FMA), the synchronous
+global loads in its main loop, and an ESTIMATE of its time from ``estimate.py``'s paper model (with the
+step's total). The resources are compiled, not timed; the estimate is a model, not a measurement.
 It must run without TRITON_INTERPRET (the tests start it in a subprocess).
 """
 
