@@ -10,6 +10,7 @@ the ``slow`` test. Both check the same rules:
 - at B = 128, >= 96 CTAs in every kernel carrying a 784 x H GEMM (forward, input gradient, weight gradient);
 - kernel counts per step: 6 (1 hidden layer, conditional too), 10 (iwae), 11 (iwae-k5) at B = 128, one
   more (the split-K sum) at most at larger batches;
+- the first (gathering) layer's main loop has no synchronous global load in its PTX (all cp.async);
 - the step is the one the preset trains (binarization, labels, K samples read from the recorded launches
   against the preset's training settings, written out independently here);
 - the estimate counts the step's needed FLOPs as the network's shapes say (an independent count below).
@@ -74,6 +75,7 @@ def check_cells(cells):
             first["A_MODE"] == 1 and first["BINARIZE"] == BINARIZED[name] == PRESET_TRAINING[name]["binarize"]
         )
         assert c["binarize"] == BINARIZED[name], where
+        assert ks[0]["loop_sync_loads"] == 0, where  # the gather's pixels come by cp.async: no load chain
         assert first["LABEL"] == c["preset"].endswith("+y10"), where
         out = [k for k in ks if k["kernel"] == "_bernoulli_output_kernel"]
         assert len(out) == 1 and out[0]["flags"]["SAMPLES"] == PRESETS[name].k, (
