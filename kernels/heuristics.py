@@ -132,12 +132,18 @@ class WgradTiles:
     warps: int
 
 
-def wgrad_tiles(dtype: torch.dtype, batch: int, shapes: tuple[tuple[int, int], ...] = ()) -> WgradTiles:
+def wgrad_tiles(
+    dtype: torch.dtype, batch: int, shapes: tuple[tuple[int, int], ...] = (), labels: bool = False
+) -> WgradTiles:
     """Weight-gradient GEMM tiles: the batch is the reduction dimension.
 
-    fp32 (IEEE FMA dots): 64 x 64 with 16-row chunks and 16 warps. With Adam in the epilogue (pytorch-example,
-    B = 128, report, sm_90): 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled, 8 warps with
-    32-row chunks 177 (1 CTA/SM), 16 warps 80 registers, no spill, 16 warps resident per SM.
+    fp32 (IEEE FMA dots): 64 x 32 with 16-row chunks and 8 warps: 76 registers, 3 CTAs/SM, so that
+    pytorch-example's 364 CTAs at B = 128 run in one wave (64 x 64 at 16 warps: 80 registers but 1 CTA/SM,
+    196 CTAs in two waves; 32 x 64 at 8 warps: 88 registers, 2 CTAs/SM, 371 CTAs, two waves). At B = 16,384
+    the 364 tiles fill the SMs without a batch split (no split-K sum kernel). With Adam in the epilogue,
+    64 x 64 tiles took 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled (report, sm_90).
+    With ``labels`` (a conditional VAE's onehot groups, built in registers) 64 x 32 at 8 warps used 192
+    registers, 1 CTA/SM: three waves; there 64 x 64 at 16 warps (128 registers, 210 CTAs) is kept.
     bf16 / TF32: 128 x 128 on tensor cores (wgmma) with 32-row chunks, 8 warps: 253 registers, no spill. Where
     the batch is too small to split (< 2 x WGRAD_MIN_ROWS_PER_SPLIT rows), 64 x 128 (244 registers), so
     that pytorch-example has 112 CTAs instead of 64 at B = 128 and 1,024; where even that leaves fewer than
@@ -149,7 +155,7 @@ def wgrad_tiles(dtype: torch.dtype, batch: int, shapes: tuple[tuple[int, int], .
     the conditional VAE), no spill. Report, sm_90, compiled, not timed.
     """
     if dtype == torch.float32 and dot_precision(dtype) == "ieee":
-        return WgradTiles(64, 64, 16, 16)
+        return WgradTiles(64, 64, 16, 16) if labels else WgradTiles(64, 32, 16, 8)
     if batch < 2 * WGRAD_MIN_ROWS_PER_SPLIT:
         tiles = WgradTiles(64, 128, 32, 8)
         if (

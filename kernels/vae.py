@@ -342,7 +342,7 @@ def run_backward(
         )  # fmt: skip
     grouped_weight_grads(
         groups=plan.grad_groups(), ws=buf.ws, x=x, grad_out=buf.row_scale if plan.multi else grad_out,
-        batch=plan.rows, tiles=wgrad_tiles(plan.dtype, plan.rows, plan.grad_shapes()), precision=prec, out=grad_flat, adam=adam,
+        batch=plan.rows, tiles=wgrad_tiles(plan.dtype, plan.rows, plan.grad_shapes(), plan.classes > 0), precision=prec, out=grad_flat, adam=adam,
         advance=advance, x_offset=buf.lay["x"], labels=buf.labels,
     )  # fmt: skip
 
