@@ -80,9 +80,13 @@ def layer_tiles(batch: int, width: int, dtype: torch.dtype) -> Tiles:
     400-wide one 32-column tiles (8 x 13 = 104), 4 warps (48-72 registers in fp32, report). Larger batches:
     32 (<= 4096 rows) or 64 rows per block with 64-column tiles and 8 warps, so that each weight tile streamed
     from L2 serves more rows; with 4 warps the 64 x 64 fp32 tiles used 255 registers and spilled (report,
-    sm_90, compiled, not timed).
+    sm_90, compiled, not timed). A mid-size batch whose 32-row grid would stay under MIN_CTAS_LARGE_GEMM
+    takes the small-batch tiles: iwae-k5's decoder at B = 128 (640 rows, 200 wide) had 20 x 4 = 80 CTAs in
+    the output layer's input gradient; with 16-row blocks 40 x 4 = 160.
     """
-    if batch <= 512:
+    if batch <= 512 or (
+        batch <= 4096 and triton.cdiv(batch, 32) * triton.cdiv(width, 64) < MIN_CTAS_LARGE_GEMM
+    ):
         rows = 16
         cols = 64
         while cols > 16 and triton.cdiv(batch, rows) * triton.cdiv(width, cols) < MIN_CTAS_LARGE_GEMM:
@@ -99,8 +103,20 @@ def layer_tiles(batch: int, width: int, dtype: torch.dtype) -> Tiles:
 GATHER_BLOCK_K = 16
 
 
+# cp.async copies 4, 8 or 16 bytes per thread: a (rows, BLOCK_K) uint8 chunk spread over 32 x warps threads
+# with fewer than 4 bytes each is loaded by a synchronous ld.global.b16 every trip (the first layer's
+# 49-step load chain at B = 128: 16 x 16 pixels over 128 threads). Report, sm_90: with 32-column chunks at
+# B = 128 and 1,024 the main loop has only cp.async left (0 synchronous loads in its PTX).
+GATHER_MIN_BYTES_PER_THREAD = 4
+
+
 def gather_tiles(t: Tiles) -> Tiles:
-    return Tiles(t.rows, t.cols, GATHER_BLOCK_K, t.warps)
+    """The gathering first layer's tiles: GATHER_BLOCK_K-column chunks, widened until every thread copies
+    at least GATHER_MIN_BYTES_PER_THREAD pixels, so that the chunk can be loaded asynchronously."""
+    red = GATHER_BLOCK_K
+    while t.rows * red < GATHER_MIN_BYTES_PER_THREAD * 32 * t.warps:
+        red *= 2
+    return Tiles(t.rows, t.cols, red, t.warps)
 
 
 def latent_pad(z: int) -> int:
@@ -116,21 +132,40 @@ class WgradTiles:
     warps: int
 
 
-def wgrad_tiles(dtype: torch.dtype, batch: int) -> WgradTiles:
+def wgrad_tiles(
+    dtype: torch.dtype, batch: int, shapes: tuple[tuple[int, int], ...] = (), labels: bool = False
+) -> WgradTiles:
     """Weight-gradient GEMM tiles: the batch is the reduction dimension.
 
-    fp32 (IEEE FMA dots): 64 x 64 with 16-row chunks and 16 warps. With Adam in the epilogue (pytorch-example,
-    B = 128, report, sm_90): 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled, 8 warps with
-    32-row chunks 177 (1 CTA/SM), 16 warps 80 registers, no spill, 16 warps resident per SM.
+    fp32 (IEEE FMA dots): 64 x 32 with 16-row chunks and 8 warps: 76 registers, 3 CTAs/SM, so that
+    pytorch-example's 364 CTAs at B = 128 run in one wave (64 x 64 at 16 warps: 80 registers but 1 CTA/SM,
+    196 CTAs in two waves; 32 x 64 at 8 warps: 88 registers, 2 CTAs/SM, 371 CTAs, two waves). At B = 16,384
+    the 364 tiles fill the SMs without a batch split (no split-K sum kernel). With Adam in the epilogue,
+    64 x 64 tiles took 4 warps 255 registers + 8 B spilled, 8 warps 128 + 8 B spilled (report, sm_90).
+    With ``labels`` (a conditional VAE's onehot groups, built in registers) 64 x 32 at 8 warps used 192
+    registers, 1 CTA/SM: three waves; there 64 x 64 at 16 warps (128 registers, 210 CTAs) is kept.
     bf16 / TF32: 128 x 128 on tensor cores (wgmma) with 32-row chunks, 8 warps: 253 registers, no spill. Where
     the batch is too small to split (< 2 x WGRAD_MIN_ROWS_PER_SPLIT rows), 64 x 128 (244 registers), so
-    that pytorch-example has 112 CTAs instead of 64 at B = 128 and 1,024.
+    that pytorch-example has 112 CTAs instead of 64 at B = 128 and 1,024; where even that leaves fewer than
+    MIN_CTAS_LARGE_GEMM programs for the (n, k) ``shapes`` of the groups (iwae, B = 128: 78), 64 x 64 with
+    4 warps (iwae: 148 CTAs, 238 registers in bf16 and 249 in TF32, 2 CTAs/SM: one wave; 8 warps used 138
+    registers but 1 CTA/SM, two waves).
+    TF32 at 128 x 128 takes 16-row chunks: its fp32 operands in 32-row chunks used 255 registers and spilled
+    60 bytes (pytorch-example, paper, iwae at B = 16,384, iwae-k5 at 1,024); 16 rows: 190 registers (232 for
+    the conditional VAE), no spill. Report, sm_90, compiled, not timed.
     """
     if dtype == torch.float32 and dot_precision(dtype) == "ieee":
-        return WgradTiles(64, 64, 16, 16)
+        return WgradTiles(64, 64, 16, 16) if labels else WgradTiles(64, 32, 16, 8)
     if batch < 2 * WGRAD_MIN_ROWS_PER_SPLIT:
-        return WgradTiles(64, 128, 32, 8)
-    return WgradTiles(128, 128, 32, 8)
+        tiles = WgradTiles(64, 128, 32, 8)
+        if (
+            shapes
+            and sum(triton.cdiv(n, tiles.n) * triton.cdiv(k, tiles.k) for n, k in shapes)
+            < MIN_CTAS_LARGE_GEMM
+        ):
+            return WgradTiles(64, 64, 32, 4)
+        return tiles
+    return WgradTiles(128, 128, 16 if dtype == torch.float32 else 32, 8)
 
 
 # Minimum batch rows a split-K program reduces: below this a split costs more (an extra pass over the

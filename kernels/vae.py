@@ -186,6 +186,10 @@ class Plan:
             groups.append(GradGroup(lay["dhd0"], 0, self.dec[0], c, offs[j + 1], -1, m=bk, label_div=self.k))
         return tuple(groups)
 
+    def grad_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(n, k) of every weight-gradient group (the weight-gradient tiles are chosen from them)."""
+        return tuple((g.n, g.k) for g in self.grad_groups())
+
     @property
     def n_core(self) -> int:
         """Parameters that come in (weight, bias) pairs; the label weights follow them."""
@@ -338,7 +342,7 @@ def run_backward(
         )  # fmt: skip
     grouped_weight_grads(
         groups=plan.grad_groups(), ws=buf.ws, x=x, grad_out=buf.row_scale if plan.multi else grad_out,
-        batch=plan.rows, tiles=wgrad_tiles(plan.dtype, plan.rows), precision=prec, out=grad_flat, adam=adam,
+        batch=plan.rows, tiles=wgrad_tiles(plan.dtype, plan.rows, plan.grad_shapes(), plan.classes > 0), precision=prec, out=grad_flat, adam=adam,
         advance=advance, x_offset=buf.lay["x"], labels=buf.labels,
     )  # fmt: skip
 

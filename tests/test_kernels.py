@@ -92,6 +92,30 @@ def test_fused_negative_elbo_and_all_gradients_equal_the_reference(cfg, batch, m
         assert rel(p.grad, q.grad) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("batch", [37, 600], ids=["B37-64x64", "B600-128x128-splitK"])
+def test_tf32_weight_gradient_tiles_equal_the_reference(batch, monkeypatch):
+    """The TF32 weight-gradient tiles: 64 x 64 with 4 warps where 64 x 128 would leave fewer than 96 CTAs (B =
+    37), 128 x 128 in 16-row chunks on a split batch (B = 600, 4 splits), against float64. The interpreter
+    does not round dots to TF32 (so this checks the tiling at fp32 accuracy there); a GPU does (TF32
+    tolerance either way)."""
+    from fastvae.kernels import vae
+
+    split_k_from(monkeypatch, 128)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    chosen = []
+    monkeypatch.setattr(
+        vae, "wgrad_tiles", lambda *a: chosen.append(heuristics.wgrad_tiles(*a)) or chosen[-1]
+    )
+    ref, fused = pair(ODD)
+    x, eps, g = torch.rand(batch, 50), torch.randn(batch, 5), torch.rand(batch)
+    (fused.negative_elbo(x.to(DEVICE), eps.to(DEVICE)) * g.to(DEVICE)).sum().backward()
+    (ref.negative_elbo(x.double(), eps.double()) * g.double()).sum().backward()
+    want = heuristics.WgradTiles(64, 64, 32, 4) if batch == 37 else heuristics.WgradTiles(128, 128, 16, 8)
+    assert chosen == [want]
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert rel(p.grad, q.grad) < TOL["tf32"], name
+
+
 def test_mean_reduction_and_beta():
     cfg = ODD.replace(beta=0.3)
     ref, fused = pair(cfg, seed=1)
@@ -290,38 +314,3 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
                           capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kernel variants compiled" in proc.stdout
-
-
-def test_resource_report_no_spills_full_sms_and_six_kernels(tmp_path):
-    """The resource report (every launch of the engine's step compiled for sm_90 as the launchers specialise
-    it; ptxas -v): no spills for pytorch-example, paper, iwae, iwae-k5 and a conditional pytorch-example at
-    B = 128, 1024, 16384 in fp32 and bf16; >= 96 CTAs for every kernel carrying a 784 x H GEMM of the
-    pytorch-example step at B = 128; <= 6 kernels per step for pytorch-example (conditional too) and paper at
-    B = 128, <= 10 for iwae, <= 11 for iwae-k5 (+1: the K-sample reduction)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "resources.json"
-    proc = subprocess.run([sys.executable, "-m", "fastvae.kernels.resources", "--matrix", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cells = json.loads(out.read_text())
-    assert len(cells) == 5 * 3 * 2
-    for cell in cells:
-        where = f"{cell['preset']} B={cell['batch']} {cell['dtype']}"
-        for k in cell["kernels"]:
-            assert k["spill_bytes"] == 0 and k["stack_bytes"] == 0, (where, k["kernel"], k["flags"])
-            assert k["ctas_per_sm"] >= 1, (where, k["kernel"])
-            if cell["dtype"] == "bf16" and k["large_gemm"]:
-                assert k["dot"] in ("mma", "wgmma"), (where, k["kernel"])  # tensor cores
-        if cell["batch"] == 128:
-            limit = {"iwae": 10, "iwae-k5": 11}.get(cell["preset"], 6)
-            assert len(cell["kernels"]) <= limit, where
-        if cell["preset"] == "pytorch-example" and cell["batch"] == 128:
-            large = [k for k in cell["kernels"] if k["large_gemm"]]
-            assert len(large) >= 4  # first layer fwd, output fwd, output input-grad, weight gradients
-            for k in large:
-                assert k["ctas"] >= 96, (where, k["kernel"], k["grid"])

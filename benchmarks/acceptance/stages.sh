@@ -167,7 +167,9 @@ body_correctness() {
         pytest+=(--import-mode=importlib --rootdir="$REPO" -c "$REPO/pyproject.toml")
     # The resource report compiles for sm_90 on the CPU: it runs beside the GPU work.
     res=(--preset pytorch-example --batch 128 --dtype fp32)
-    [ "$DRY" = 1 ] || res=(--preset pytorch-example --batch 128 --batch 16384 --dtype fp32 --dtype bf16)
+    # The headline cells, with each kernel's ESTIMATE (kernels/estimate.py) and a measured_us slot beside it.
+    [ "$DRY" = 1 ] || res=(--cell pytorch-example:128:fp32 --cell pytorch-example:128:tf32
+                           --cell pytorch-example:128:bf16 --cell pytorch-example:16384:bf16)
     (env -u TRITON_INTERPRET timeout "$(left 4)" "$PYTHON" -m fastvae.kernels.resources "${res[@]}" \
         --json "$RUN/resources.json" >"$RUN/resources.txt" 2>&1; echo $? >"$RUN/resources.rc") &
     respid=$!
