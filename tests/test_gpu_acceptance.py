@@ -165,13 +165,14 @@ def test_per_kernel_times_sit_beside_the_resource_report(tmp_path):
                       "contenders": {"fastvae": {"profile": prof}, "eager": {}}}]}  # fmt: skip
     k = {"ctas": 104, "ctas_per_sm": 8, "waves": 0.1, "dot": "FMA"}
     res = [{"preset": "pytorch-example", "batch": 128, "dtype": "fp32",
-            "kernels": [{"kernel": "_layer_fwd_kernel", "registers": 62, **k}, {"kernel": "_layer_fwd_kernel", "registers": 40, **k}]},
+            "kernels": [{"kernel": "_layer_fwd_kernel", "registers": 62, "estimate": {"time_us": 5.5}, **k},
+                        {"kernel": "_layer_fwd_kernel", "registers": 40, "estimate": {"time_us": 6.5}, **k}]},
            {"preset": "pytorch-example", "batch": 128, "dtype": "bf16", "kernels": [{"kernel": "_layer_fwd_kernel", "registers": 99, **k}]}]  # fmt: skip
     (tmp_path / "record.json").write_text(json.dumps(rec))
     (tmp_path / "resources.json").write_text(json.dumps(res))
     rows = [ln for ln in stage_report.kernel_tables(tmp_path) if ln.startswith("| _layer") or ln.startswith("| void")]
-    assert rows[0] == "| _layer_fwd_kernel | 2 | 9.00 | 4.50 | 62/40 | 104/104 | 8/8 | 0.1/0.1 | FMA/FMA |"
-    assert rows[1].startswith("| void at::native::foo | 1 | 1.00 | 1.00 | — |")
+    assert rows[0] == "| _layer_fwd_kernel | 2 | 9.00 | 4.50 | 5.5/6.5 | 62/40 | 104/104 | 8/8 | 0.1/0.1 | FMA/FMA |"
+    assert rows[1].startswith("| void at::native::foo | 1 | 1.00 | 1.00 | — | — |")
 
 
 def test_a_compile_mode_past_its_deadline_is_dropped_for_later_cells(monkeypatch):

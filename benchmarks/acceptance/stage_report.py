@@ -223,13 +223,14 @@ def kernel_tables(run: Path) -> list[str]:
         out += ["", f"fastvae kernels, {cell['preset']} B={cell['batch']} {cell['dtype']}: measured µs per step "
                 f"(torch.profiler, {prof['steps']} steps) beside the compiled sm_90 resources"
                 + ("" if compiled else " (no resource report for this cell)"), "",
-                "| kernel | launches/step | µs/step | µs/launch | registers | CTAs | CTAs/SM | waves | dot |",
-                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                "| kernel | launches/step | µs/step | µs/launch | estimate µs/launch (paper model) | registers | CTAs | CTAs/SM | waves | dot |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for k in prof["kernels"]:
             c = compiled.get(k["name"], [])
             col = lambda f, c=c: "/".join(str(r[f]) for r in c) or "—"  # one value per launch of that kernel
+            est = "/".join(str(r["estimate"]["time_us"]) for r in c if "estimate" in r) or "—"
             out.append(f"| {k['name'][:60]} | {k['per_step']:g} | {k['us_per_step']:.2f} | {k['us_per_launch']:.2f} | "
-                       f"{col('registers')} | {col('ctas')} | {col('ctas_per_sm')} | {col('waves')} | {col('dot')} |")  # fmt: skip
+                       f"{est} | {col('registers')} | {col('ctas')} | {col('ctas_per_sm')} | {col('waves')} | {col('dot')} |")  # fmt: skip
     return out
 
 
