@@ -82,6 +82,10 @@ def load_dataset(
 
 
 def _load_path(source: str, likelihood: str, image_size, grayscale: bool, progress: bool) -> Dataset:
+    if source in ("dsprites", "dsprites-small"):  # procedural, with factor labels: fastvae.dsprites
+        from fastvae.dsprites import as_dataset
+
+        return as_dataset(source)
     if source == "mnist":
         with np.load(mnist_path(), allow_pickle=False) as f:
             return Dataset("mnist", f["x_train"], f["x_test"], f["y_train"], f["y_test"])
@@ -282,8 +286,8 @@ def load_array(
     MNIST test split for "mnist"."""
     if not isinstance(source, (str, os.PathLike)):
         return validate_array(_in_memory(source, "data", progress)[0], likelihood, "data")
-    if source == "mnist":
-        return load_dataset("mnist").x_test
+    if source in ("mnist", "dsprites", "dsprites-small"):
+        return load_dataset(source).x_test
     path = Path(source)
     if path.is_dir():
         return validate_array(
