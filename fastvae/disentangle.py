@@ -153,6 +153,8 @@ class Report:
     kl_per_dim: list[float]
     rec: float | None = None  # test reconstruction -log p(x|z), nats (a run's test split)
     factors: tuple[str, ...] = field(default=dsprites.FACTORS)
+    codes: np.ndarray | None = field(default=None, repr=False)  # (n, Z) mean codes of the MIG sample
+    classes: np.ndarray | None = field(default=None, repr=False)  # (n, 5) their factor classes
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per factor: the latent it lives in, its normalised MI, its MIG gap and SAP gap."""
@@ -180,11 +182,15 @@ class Report:
 
 
 def grid_of_run(run: Any) -> str:
-    """The dSprites grid a run was trained on, or one clear line when its data has no factor labels."""
-    data = run.doc.get("train", {}).get("data", "mnist")
+    """The dSprites grid a run (a directory, or a loaded Run) was trained on, or one clear line when its
+    data has no factor labels."""
+    from fastvae.runs import read_run_config
+
+    path, doc = (run, read_run_config(run)[1]) if isinstance(run, (str, os.PathLike)) else (run.path, run.doc)
+    data = doc.get("train", {}).get("data", "mnist")
     if not dsprites.is_dsprites(data):
         raise FastVAEError(
-            f"{run.path}: trained on {data!r}, which has no factor labels; disentanglement needs a run "
+            f"{path}: trained on {data!r}, which has no factor labels; disentanglement needs a run "
             f"trained with --data {' or '.join(dsprites.GRIDS)}"
         )
     return data
@@ -229,7 +235,7 @@ def disentanglement(model_or_run: Any, *, grid: str | None = None, n: int = NUM_
     s = sap(codes[:n], factors[:n], codes[n:], factors[n:]) if with_sap else None
     kl = _kl_per_dim(model, grid, rng_rows[:n])
     rec = _test_rec(run) if run is not None else None
-    return Report(grid, n, n_test, seed, m, s, kl, rec)
+    return Report(grid, n, n_test, seed, m, s, kl, rec, codes=codes[:n], classes=factors[:n])
 
 
 def _as_run(obj: Any, device) -> Any:
@@ -238,7 +244,7 @@ def _as_run(obj: Any, device) -> Any:
     if isinstance(obj, Run):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        return load_run(obj, device)
+        return load_run(obj, device, data=grid_of_run(obj))
     if not isinstance(obj, torch.nn.Module) or not hasattr(obj, "config"):
         raise FastVAEError(f"expected a fastvae model, a run directory or a Run, got {type(obj).__name__}")
     return None
