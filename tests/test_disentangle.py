@@ -106,3 +106,12 @@ def test_sap_discrete_two_binary_factors():
     assert 0.4 <= r.score <= 0.6
     with pytest.raises(FastVAEError, match="test sample"):
         sap(z, y)
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+    import sys
+
+    for name in ("sklearn", "sklearn.metrics"):
+        monkeypatch.setitem(sys.modules, name, None)  # import then raises ImportError
+    with pytest.raises(FastVAEError, match=r"pip install 'fastvae-engine\[metrics\]'"):
+        mig(np.zeros((4, 2)), np.array([[0], [1], [0], [1]]))
