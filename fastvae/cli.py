@@ -775,13 +775,13 @@ def cmd_edit_factor(a: argparse.Namespace) -> int:
     print("read back (nearest grid image): " + "; ".join(
         f"{s:+g}: {e.factor} {read[i + 1, k]:.3g}" for i, s in enumerate(strengths)) + f" (reconstruction {read[0, k]:.3g})")  # fmt: skip
     if a.measure:
-        change = measure_edit(run.model, report.grid, e, strengths, n=a.measure, seed=a.seed + 1)
-        print(
-            f"mean change over {a.measure} seeded images, as a share of each factor's range (shape: share changed):"
-        )
-        print(f"{'strength':>8s} " + " ".join(f"{f:>11s}" for f in dsprites.FACTORS))
-        for s, row in zip(strengths, change):
-            print(f"{s:+8g} " + " ".join(f"{v:11.3f}" for v in row))
+        change, signed = measure_edit(run.model, report.grid, e, strengths, n=a.measure, seed=a.seed + 1)
+        print(f"mean |change| over {a.measure} seeded images against their reconstructions, read back by nearest "
+              "neighbour, as a share of each factor's range (shape: share changed); last: mean signed change "
+              f"of {e.factor}'s value")  # fmt: skip
+        print(f"{'strength':>8s} " + " ".join(f"{f:>11s}" for f in dsprites.FACTORS) + f" {'signed':>8s}")
+        for s, row, d in zip(strengths, change, signed):
+            print(f"{s:+8g} " + " ".join(f"{v:11.3f}" for v in row) + f" {d:+8.3f}")
     return 0
 
 

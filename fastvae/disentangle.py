@@ -344,15 +344,19 @@ def factor_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def measure_edit(model: torch.nn.Module, grid_name: str, e: FactorEdit, strengths: list[float],
-                 n: int = 100, seed: int = 1) -> np.ndarray:  # fmt: skip
-    """(S, 5) mean factor change, read back by nearest neighbour, of n seeded grid images edited at each
-    strength, against their own reconstructions (strength 0): the target factor should move, the
-    others stay."""
+                 n: int = 100, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Edits of n seeded grid images at each strength, read back by nearest neighbour against their own
+    reconstructions (strength 0): ((S, 5) mean |change| of each factor as a share of its range, see
+    ``factor_change``; (S,) mean signed change of the target factor's value). The target should move,
+    the others stay."""
     rows = sample_rows(grid_name, n, seed)
     x = torch.from_numpy(dsprites.images(grid_name, rows).reshape(n, -1).astype(np.float32))
     g = dsprites.grid(grid_name)
     decoded = np.concatenate([edit_codes(model, x[i : i + 1], e, strengths).numpy() for i in range(n)])
     read = g.classes(nearest_rows(grid_name, decoded)).reshape(n, 1 + len(strengths), -1)
     before = np.repeat(read[:, :1], len(strengths), 1).reshape(-1, read.shape[-1])
-    change = factor_change(before, read[:, 1:].reshape(-1, read.shape[-1]))
-    return change.reshape(n, len(strengths), -1).mean(0)
+    after = read[:, 1:].reshape(-1, read.shape[-1])
+    change = factor_change(before, after).reshape(n, len(strengths), -1).mean(0)
+    k = dsprites.factor_index(e.factor)
+    signed = (g.values(after)[:, k] - g.values(before)[:, k]).reshape(n, len(strengths)).mean(0)
+    return change, signed
