@@ -150,3 +150,10 @@ def test_disentangle_refuses_a_run_without_factor_labels(tmp_path, capsys):
     assert main(["disentangle", str(tmp_path / "mnist-run")]) == 2
     err = capsys.readouterr().err
     assert "no factor labels" in err and err.count("\n") == 1
+    base = ["edit", str(tmp_path / "mnist-run"), "--image", "0", "--out", str(tmp_path / "e.png")]
+    assert main(base) == 2
+    assert "needs --attribute" in capsys.readouterr().err
+    assert main([*base, "--factor", "posX", "--attribute", "label=0->1"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main([*base, "--factor", "posX"]) == 2  # an MNIST run: no factor labels
+    assert "no factor labels" in capsys.readouterr().err
