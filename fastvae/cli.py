@@ -514,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_run_commands(sub)
+    _add_disentangle(sub)
     return p
 
 
@@ -760,6 +761,188 @@ def _add_run_commands(sub) -> None:
     x.add_argument("--int8-reduce-range", action="store_true",
                    help="7-bit int8 weights: for AVX2 CPUs without VNNI (default off: full 8-bit range)")  # fmt: skip
     x.set_defaults(func=cmd_export)
+
+
+# ---- dSprites: disentanglement, traversals, factor edits (fastvae.disentangle) ------------------------
+def cmd_disentangle(a: argparse.Namespace) -> int:
+    from fastvae.disentangle import disentanglement
+
+    r = disentanglement(a.run, n=a.n, n_test=a.n_test, seed=a.seed, num_bins=a.bins, with_sap=not a.no_sap,
+                        device=_device_of(a))  # fmt: skip
+    if a.json:
+        print(json.dumps(r.as_dict()))
+        return 0
+    sap = "" if r.sap is None else f"  SAP {r.sap.score:.3f}"
+    rec = "" if r.rec is None else f"; test reconstruction {r.rec:.2f} nats"
+    print(
+        f"MIG {r.mig.score:.3f}{sap}  ({r.grid}, {r.n:,} + {r.n_test:,} seeded samples, seed {r.seed}{rec})"
+    )
+    print(
+        f"{'factor':12s} {'latent':>6s} {'MI/H':>6s} {'MIG gap':>8s}"
+        + ("" if r.sap is None else f" {'SAP latent':>10s} {'SAP gap':>8s}")
+    )
+    for row in r.rows():
+        extra = "" if r.sap is None else f" {'z' + str(row['sap_latent']):>10s} {row['sap_gap']:8.3f}"
+        print(
+            f"{row['factor']:12s} {'z' + str(row['latent']):>6s} {row['mi_share']:6.3f} {row['mig_gap']:8.3f}{extra}"
+        )
+    print("KL per latent (nats): " + " ".join(f"z{j} {k:.2f}" for j, k in enumerate(r.kl_per_dim)))
+    return 0
+
+
+def _device_of(a: argparse.Namespace):
+    from fastvae.backends import resolve_device
+
+    return resolve_device(getattr(a, "device", "auto"))
+
+
+def _dsprites_run(a: argparse.Namespace):
+    """The run of a dSprites command, loaded on its own grid (one line when it has no factor labels)."""
+    from fastvae.disentangle import grid_of_run
+    from fastvae.runs import load_run
+
+    run = load_run(a.run, _device_of(a), data=grid_of_run(a.run))
+    if not 0 <= a.image < len(run.test):
+        raise_error(f"--image {a.image} is not a test image index (0..{len(run.test) - 1})")
+    return run
+
+
+def cmd_traverse(a: argparse.Namespace) -> int:
+    from fastvae.disentangle import disentanglement, traversal
+    from fastvae.plots import traversal_figure
+
+    _check_out(a.out)
+    run = _dsprites_run(a)
+    report = disentanglement(run, n=a.n, seed=a.seed, with_sap=False)
+    images, labels = traversal(run.model, run.test_images(a.image, a.image + 1)[0], report, steps=a.steps,
+                               limit=a.limit)  # fmt: skip
+    traversal_figure(images, run.config.data_shape, labels, a.limit, a.out)
+    print(f"wrote {a.out}: {len(labels)} active latents of {run.config.latent_dim} (KL > 0.01 nats), test image "
+          f"{a.image}, {a.steps} steps over +-{a.limit:g}; MIG {report.mig.score:.3f}")  # fmt: skip
+    return 0
+
+
+def cmd_edit_factor(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae import dsprites
+    from fastvae.disentangle import disentanglement, edit_codes, factor_latent, measure_edit, nearest_rows
+    from fastvae.edit import parse_strengths
+    from fastvae.images import save_grid
+
+    dsprites.factor_index(a.factor)  # an unknown name fails before any work
+    strengths = parse_strengths(a.strength)
+    _check_out(a.out)
+    run = _dsprites_run(a)
+    report = disentanglement(run, seed=a.seed, with_sap=False)
+    e = factor_latent(report, report.codes, report.classes, a.factor)
+    x = run.test_images(a.image, a.image + 1)
+    strip = edit_codes(run.model, x, e, strengths).numpy()
+    save_grid(
+        np.concatenate([x.cpu().numpy(), strip]), run.config.data_shape, a.out, ncol=len(strip) + 1, scale=3
+    )
+    g = dsprites.grid(report.grid)
+    read = g.values(g.classes(nearest_rows(report.grid, strip)))
+    k = dsprites.factor_index(a.factor)
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then {e.factor} along z{e.latent} "
+          f"(MI/H {report.mig.normalised[e.latent, k]:.2f}; 1 strength = {e.sd:.2f}, its codes' std)")  # fmt: skip
+    print("read back (nearest grid image): " + "; ".join(
+        f"{s:+g}: {e.factor} {read[i + 1, k]:.3g}" for i, s in enumerate(strengths)) + f" (reconstruction {read[0, k]:.3g})")  # fmt: skip
+    if a.measure:
+        change, signed = measure_edit(run.model, report.grid, e, strengths, n=a.measure, seed=a.seed + 1)
+        print(f"mean |change| over {a.measure} seeded images against their reconstructions, read back by nearest "
+              "neighbour, as a share of each factor's range (shape: share changed); last: mean signed change "
+              f"of {e.factor}'s value")  # fmt: skip
+        print(f"{'strength':>8s} " + " ".join(f"{f:>11s}" for f in dsprites.FACTORS) + f" {'signed':>8s}")
+        for s, row, d in zip(strengths, change, signed):
+            print(f"{s:+8g} " + " ".join(f"{v:11.3f}" for v in row) + f" {d:+8.3f}")
+    return 0
+
+
+def cmd_dsprites(a: argparse.Namespace) -> int:
+    from fastvae.dsprites import grid, write_npz
+
+    path = write_npz(a.out, a.grid)
+    print(f"wrote {path}: {len(grid(a.grid)):,} images of the procedural dSprites re-creation (keys imgs, "
+          "latents_classes, latents_values, metadata; not the original file)")  # fmt: skip
+    return 0
+
+
+def _cmd_edit_any(a: argparse.Namespace) -> int:
+    """``fastvae edit``: along a dSprites factor's latent (--factor), or an attribute direction."""
+    if a.factor is not None:
+        if a.attribute is not None or a.attributes is not None:
+            raise_error("--factor and --attribute/--attributes exclude each other")
+        return cmd_edit_factor(a)
+    if a.attribute is None:
+        raise_error("edit needs --attribute (label=A->B or a column of --attributes) or --factor (dSprites)")
+    return cmd_edit(a)
+
+
+def _add_disentangle(sub) -> None:
+    """disentangle, traverse, dsprites; and ``edit --factor`` on the existing edit command."""
+    from fastvae.dsprites import FACTORS, GRIDS
+
+    d = sub.add_parser("disentangle", help="MIG and SAP of a run trained on dSprites, per factor")
+    d.add_argument("run", help="run directory (trained with --data dsprites or dsprites-small)")
+    d.add_argument(
+        "-n",
+        type=_int_at_least(2, 1_000_000),
+        default=10_000,
+        help="seeded images for MIG (and SAP's training)",
+    )
+    d.add_argument(
+        "--n-test", type=_int_at_least(2, 1_000_000), default=5_000, help="further images SAP is scored on"
+    )
+    d.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
+    d.add_argument(
+        "--bins", type=_int_at_least(2, 10_000), default=20, help="histogram bins per latent (MIG)"
+    )
+    d.add_argument("--no-sap", action="store_true", help="MIG only (SAP fits 50 linear SVMs)")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    d.set_defaults(func=cmd_disentangle)
+
+    t = sub.add_parser("traverse", help="latent traversals of a dSprites run, rows labelled by factor (PNG)")
+    t.add_argument("run", help="run directory")
+    t.add_argument("--out", default="traversal.png")
+    t.add_argument("--image", type=_int_at_least(0), default=0, help="test image whose code is traversed")
+    t.add_argument("--steps", type=_int_at_least(2, 100), default=10)
+    t.add_argument(
+        "--limit",
+        type=_float_range(0.0, lo_open=True, hi=MAX_TEMPERATURE),
+        default=3.0,
+        help="sweep +-limit (prior sigmas)",
+    )
+    t.add_argument(
+        "-n", type=_int_at_least(2, 1_000_000), default=10_000, help="seeded images that label the rows"
+    )
+    t.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.set_defaults(func=cmd_traverse)
+
+    x = sub.add_parser(
+        "dsprites", help="write the procedural dSprites re-creation as an .npz (original keys)"
+    )
+    x.add_argument("--out", required=True, help=".npz file")
+    x.add_argument("--grid", choices=list(GRIDS), default="dsprites")
+    x.set_defaults(func=cmd_dsprites)
+
+    ed = sub.choices["edit"]
+    for action in ed._actions:
+        if action.dest == "attribute":
+            action.required = False  # --factor is the other way to name an edit
+    ed.add_argument(
+        "--factor",
+        default=None,
+        help=f"dSprites run: move along the latent carrying this factor ({', '.join(FACTORS)})",
+    )
+    ed.add_argument("--measure", type=_int_at_least(0, 100_000), default=100,
+                    help="--factor: read back the factors of N seeded edited images (0: skip)")  # fmt: skip
+    ed.add_argument(
+        "--seed", type=_int_at_least(0, MAX_SEED), default=0, help="--factor: evaluation sample seed"
+    )
+    ed.set_defaults(func=_cmd_edit_any)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

@@ -185,6 +185,15 @@ PRESETS: dict[str, VAEConfig] = {
     # at k = 50 against the VAE's 86.76).
     "iwae-k5": VAEConfig((1, 28, 28), (200, 200), 50, "tanh", objective="iwae", k=5, preset="iwae-k5"),
     "iwae-k50": VAEConfig((1, 28, 28), (200, 200), 50, "tanh", objective="iwae", k=50, preset="iwae-k50"),
+    # Higgins et al. (beta-VAE, ICLR 2017), appendix Table 1, "2D shapes (VAE)": input 4096 (64x64x1),
+    # encoder FC 1200-1200 ReLU, 10 latents, decoder FC 1200-1200-1200-4096 tanh, Bernoulli, Adagrad lr
+    # 1e-2, beta = 4 for dSprites. The same MLP is Chen et al.'s (beta-TCVAE, 2018) dSprites model
+    # (github.com/rtqichen/beta-tcvae, vae_quant.py MLPEncoder/MLPDecoder). fastvae mirrors one width list,
+    # so this preset is 4096-1200-1200-10 / 10-1200-1200-4096, ReLU on both sides (one decoder layer and
+    # the tanh fewer), trained with fastvae's Adam (--lr); batch 64 as disentanglement_lib's study.
+    "beta-vae-dsprites": VAEConfig(
+        (1, 64, 64), (1200, 1200), 10, "relu", beta=4.0, preset="beta-vae-dsprites"
+    ),
 }
 
 
@@ -202,6 +211,7 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "iwae": {"batch_size": 100, "binarize": True},  # dynamically binarized MNIST, as in the IWAE paper
     "iwae-k5": {"batch_size": 100, "binarize": True},
     "iwae-k50": {"batch_size": 100, "binarize": True},
+    "beta-vae-dsprites": {"batch_size": 64, "binarize": False},  # dSprites is binary already
 }
 
 

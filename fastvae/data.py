@@ -89,6 +89,10 @@ def load_dataset(
 
 
 def _load_path(source: str, likelihood: str, image_size, grayscale: bool, progress: bool) -> Dataset:
+    if source in ("dsprites", "dsprites-small"):  # procedural, with factor labels: fastvae.dsprites
+        from fastvae.dsprites import as_dataset
+
+        return as_dataset(source)
     if source == "mnist":
         with np.load(mnist_path(), allow_pickle=False) as f:
             return Dataset("mnist", f["x_train"], f["x_test"], f["y_train"], f["y_test"])
@@ -303,8 +307,8 @@ def load_array(
         arrays, where = _mapping_arrays(source), "data"
     elif not isinstance(source, (str, os.PathLike)):
         return validate_array(_in_memory(source, "data", progress)[0], likelihood, "data")
-    elif source == "mnist":
-        return load_dataset("mnist").x_test
+    elif source in ("mnist", "dsprites", "dsprites-small"):
+        return load_dataset(source).x_test
     elif Path(source).is_dir():
         folder = read_image_folder(source, image_size, True if grayscale else None, progress)
         return validate_array(folder.x, likelihood, str(source))

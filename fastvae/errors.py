@@ -21,7 +21,7 @@ class Preempted(FastVAEError):
 DISTRIBUTION = "fastvae-engine"
 # Optional packages -> the extra that installs them.
 EXTRAS = {"onnx": "export", "onnxscript": "export", "onnxruntime": "export", "matplotlib": "plot",
-          "triton": "triton", "tensorboard": "tensorboard"}  # fmt: skip
+          "triton": "triton", "tensorboard": "tensorboard", "sklearn": "metrics"}  # fmt: skip
 
 
 def require(module: str, what: str) -> object:

@@ -101,3 +101,26 @@ def _latent_panel(plt, ax, s) -> None:
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(f"test codes mu(x), coloured by label\n(x {c[:, 0].min():.0f}..{c[:, 0].max():.0f}, "
                  f"y {c[:, 1].min():.0f}..{c[:, 1].max():.0f})", fontsize=9)  # fmt: skip
+
+
+def traversal_figure(
+    images: np.ndarray, data_shape: tuple[int, ...], labels: list[str], limit: float, out: str | Path
+) -> None:
+    """Latent traversals: one row per label, its images (rows * steps, D) left to right from -limit to
+    +limit, each row labelled (latent, KL, the factor it carries)."""
+    from fastvae.images import grid_array
+
+    plt = _pyplot()
+    steps = len(images) // max(1, len(labels))
+    grid = grid_array(images, data_shape, ncol=steps)
+    rows = len(labels)
+    fig, ax = plt.subplots(figsize=(0.8 * steps + 2.4, 0.5 + 0.8 * rows), dpi=110)
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    h = grid.shape[0] / max(1, rows)
+    ax.set_yticks([h * (r + 0.5) for r in range(rows)], labels, fontsize=8)
+    w = grid.shape[1] / max(1, steps)
+    ax.set_xticks([w * 0.5, w * (steps - 0.5)], [f"{-limit:g}", f"+{limit:g}"], fontsize=8)
+    ax.set_title("latent traversals (most KL first): z_j swept, the rest at mu(x)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

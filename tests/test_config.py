@@ -18,7 +18,10 @@ def test_presets_match_the_papers():
         50,
         "tanh",
     )
-    assert set(PRESETS) == {"pytorch-example", "paper", "iwae", "iwae-k5", "iwae-k50"}
+    assert set(PRESETS) == {"pytorch-example", "paper", "iwae", "iwae-k5", "iwae-k50", "beta-vae-dsprites"}
+    # beta-VAE (Higgins et al., 2017) on dSprites: 4096-1200-1200, 10 latents, beta 4, batch 64
+    b = preset("beta-vae-dsprites")
+    assert (b.flat_dim, b.hidden_dims, b.latent_dim, b.beta) == (4096, (1200, 1200), 10, 4.0)
     assert (iwae.objective, iwae.k) == ("elbo", 1)
     for name, k in (("iwae-k5", 5), ("iwae-k50", 50)):
         c = preset(name)
