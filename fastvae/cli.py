@@ -540,7 +540,8 @@ def _add_train(sub) -> None:
     opt("--preset", help=" | ".join(PRESETS))
     opt(
         "--data",
-        help="'mnist' (bundled), a .npy/.npz file, or a folder of PNG/JPEG images (labels from subfolders)",
+        help="'mnist' (bundled), 'dsprites' or 'dsprites-small' (procedural, with known factors), a .npy/.npz file, "
+        "or a folder of PNG/JPEG images (labels from subfolders)",
     )
     opt("--image-size", type=_dims, help="a folder of images: resize each to H,W (or H: square)")
     opt(
