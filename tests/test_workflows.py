@@ -200,3 +200,45 @@ def test_int8_record_reads_the_export_metadata():
         and list(q.errors) == ["max mu error", "mean mu error"]
     )
     assert ExportResult(Path("d.onnx"), {"quantization": "none"}, 0.0).int8 is None
+
+
+# ---- the CLI's share -----------------------------------------------------------------------------------------
+def test_the_score_command_makes_one_library_call(run, tmp_path, capsys):
+    """``fastvae score`` parses, calls one library function and prints: from the command's own frames (not
+    main's set-up or the parser's) the one call into the rest of fastvae is ``workflows.score_run``, and
+    the walk enters workflows.py once (the library never comes back through the CLI)."""
+    import sys
+    from pathlib import Path
+
+    import fastvae
+    from fastvae.cli import main
+
+    root = str(Path(fastvae.__file__).parent)
+    from_cli, workflow_entries = [], 0
+
+    def profile(frame, event, arg) -> None:
+        nonlocal workflow_entries
+        name = frame.f_code.co_filename
+        if event != "call" or not name.startswith(root) or frame.f_code.co_name == "<module>":
+            return
+        caller = frame.f_back
+        while caller is not None and not caller.f_code.co_filename.startswith(root):
+            caller = caller.f_back
+        if caller is None or caller.f_code.co_filename == name:
+            return
+        workflow_entries += name.endswith("workflows.py")
+        setup = caller.f_code.co_name in ("main", "build_parser") or caller.f_code.co_name.startswith("_add")
+        if caller.f_code.co_filename.endswith("cli.py") and not setup:
+            from_cli.append(f"{Path(name).name}:{frame.f_code.co_name}")
+
+    np.save(tmp_path / "x.npy", run.test_images(0, 5, raw=True).numpy())
+    args = ["score", str(run.path), "--data", str(tmp_path / "x.npy"), "--iw", "2", "--out", str(tmp_path / "s.csv"),
+            "--plot", str(tmp_path / "p.png"), "--reference-limit", "20", "--device", "cpu"]  # fmt: skip
+    sys.setprofile(profile)
+    try:
+        rc = main(args)
+    finally:
+        sys.setprofile(None)
+    assert rc == 0, capsys.readouterr().err
+    assert from_cli == ["workflows.py:score_run"] and workflow_entries == 1, (from_cli, workflow_entries)
+    assert "ROC AUC" in capsys.readouterr().out
