@@ -1,6 +1,8 @@
 """The ``fastvae`` command line (also ``python -m fastvae``).
 
-Every command turns bad input into one line on stderr and exit status 2, with no traceback.
+Every command parses its flags, calls one library function (``fastvae.workflows``, ``fastvae.trainer.train``,
+``fastvae.export.onnx_export.export_parts``, ``fastvae.bench``) and prints; what it computes is open to Python
+users there. Every command turns bad input into one line on stderr and exit status 2, with no traceback.
 """
 
 from __future__ import annotations
