@@ -119,12 +119,33 @@ class _Scorer(torch.nn.Module):
         return neg_elbo, rec, kl, iw_nll(iw_log_weights(log_lik, z, eps_iw, logvar[:, None]))
 
 
+@dataclass(frozen=True)
+class Int8Record:
+    """What an int8 export measured against its fp32 graph, read back from the file's metadata."""
+
+    reduce_range: bool  # 7-bit weights
+    errors: dict[str, float]  # by name, e.g. "max prob error", "mean mu error" (the metadata's int8_*_error)
+    elbo_change: float | None  # mean test -ELBO change in nats (decoder and scorer; None for the encoder)
+
+
 @dataclass
 class ExportResult:
     path: Path
     metadata: dict[str, str]
     max_abs_diff: float  # worst onnxruntime-vs-PyTorch difference of the check (absolute)
     part: str = "decoder"
+
+    @property
+    def int8(self) -> Int8Record | None:
+        """The int8 quantization's measurements (None for an fp32 export)."""
+        m = self.metadata
+        if "int8_reduce_range" not in m:
+            return None
+        errors = {
+            k[5:].replace("_", " "): float(v) for k, v in m.items() if k.startswith("int8_") and "error" in k
+        }
+        change = m.get("int8_test_elbo_change")
+        return Int8Record(m["int8_reduce_range"] == "true", errors, None if change is None else float(change))
 
 
 @dataclass

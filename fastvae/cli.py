@@ -1,6 +1,8 @@
 """The ``fastvae`` command line (also ``python -m fastvae``).
 
-Every command turns bad input into one line on stderr and exit status 2, with no traceback.
+Every command parses its flags, calls one library function (``fastvae.workflows``, ``fastvae.trainer.train``,
+``fastvae.export.onnx_export.export_parts``, ``fastvae.bench``) and prints; what it computes is open to Python
+users there. Every command turns bad input into one line on stderr and exit status 2, with no traceback.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from fastvae.config import MAX_SEED
-from fastvae.limits import MAX_SCORER_IW
+from fastvae.limits import IW_DEFAULT_CPU, IW_DEFAULT_GPU, MAX_SCORER_IW
 
 EXIT_USAGE = 2
 MAX_IMAGES = 100_000  # samples or interpolation steps drawn into one PNG
 MAX_GRID_SIDE = 1_000  # manifold grid side: a million decoded points
-IW_DEFAULT_GPU, IW_DEFAULT_CPU = 5000, 500  # eval's importance samples when --iw is not given
 MAX_IW = 1_000_000  # importance samples per data point (the IWAE paper's NLL uses 5,000)
 MAX_TEMPERATURE = 1e3  # a larger scale of z overflows float32 in the decoder
 
@@ -147,86 +147,43 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from fastvae.evaluate import elbo_stats, importance_weighted_nll
+    from fastvae.workflows import evaluate_run
 
-    run = _load_run(a, data=a.data)
-    stats = elbo_stats(run.model, run.test, seed=run.seed, binarize=run.binarized, limit=a.limit)
-    result = {
-        "n": stats.n,
-        "test_neg_elbo": stats.neg_elbo,
-        "test_objective": stats.objective,
-        "test_rec": stats.rec,
-        "test_kl": stats.kl,
-        "active_units": stats.active_units,
-        "objective": run.config.objective,
-        "k": run.config.k,
-        "conditional": run.config.conditional,  # then the figures bound -log p(x|y), not -log p(x)
-    }
-    if a.iw is None:  # k = 5000 over 10,000 test images took ~23 min on a 2-core CPU, seconds on a GPU
-        a.iw = IW_DEFAULT_GPU if run.test.x.device.type == "cuda" else IW_DEFAULT_CPU
-    if run.config.is_ae:
-        return _print_ae_eval(result, stats, a)
-    if not a.json:  # the -ELBO takes seconds; print it before the IW bound's minutes
-        beta, cfg = run.config.beta, run.config
-        objective = "" if beta == 1 else f"; objective at beta {beta:g}: {stats.objective:.3f}"
-        if cfg.objective == "iwae" or cfg.k > 1:
-            objective += f"; training objective ({cfg.objective}, k={cfg.k}): {stats.objective:.3f}"
-        if cfg.conditional:
-            objective += "; conditional: given the test labels"
-        print(
-            f"test -ELBO   {stats.neg_elbo:.3f} nats  (reconstruction {stats.rec:.3f}, KL {stats.kl:.3f}"
-            f"{objective}; {stats.n} samples, {stats.active_units} active units)",
-            flush=True,
-        )
-    if a.iw > 0:
-        result["iw_k"] = a.iw
-        result["iw_nll"] = importance_weighted_nll(run.model, run.test, a.iw, seed=run.seed, binarize=run.binarized,
-                                                   limit=a.limit, progress=not a.json)  # fmt: skip
+    result = evaluate_run(a.run, iw=a.iw, limit=a.limit, data=a.data, device=a.device, progress=not a.json,
+                          on_elbo=None if a.json else _print_elbo)  # fmt: skip
     if a.json:
-        print(json.dumps(result))
-    elif a.iw > 0:
-        print(f"IW NLL k={a.iw}  {result['iw_nll']:.3f} nats")
+        print(json.dumps(result.as_dict()))
+    elif result.iw_k > 0:
+        print(f"IW NLL k={result.iw_k}  {result.iw_nll:.3f} nats")
     return 0
 
 
-def _print_ae_eval(result: dict, stats, a: argparse.Namespace) -> int:
-    """An autoencoder has no ELBO and no importance-weighted bound: its figure is -log p(x|mu(x))."""
-    note = "autoencoder: no q(z|x) to sample, so no ELBO and no importance-weighted bound"
-    result.update(model="ae", iw_nll=None, note=note)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print(f"test reconstruction NLL  {stats.rec:.3f} nats  (-log p(x|mu(x)), {stats.n} samples; {note})")
-    return 0
+def _print_elbo(result) -> None:
+    """eval's first line, printed before the IW bound's minutes (``fastvae.workflows.RunEvaluation``)."""
+    s = result.stats
+    if result.is_ae:  # no ELBO and no importance-weighted bound: its figure is -log p(x|mu(x))
+        from fastvae.workflows import AE_NOTE
+
+        print(f"test reconstruction NLL  {s.rec:.3f} nats  (-log p(x|mu(x)), {s.n} samples; {AE_NOTE})")
+        return
+    objective = "" if result.beta == 1 else f"; objective at beta {result.beta:g}: {s.objective:.3f}"
+    if result.objective == "iwae" or result.k > 1:
+        objective += f"; training objective ({result.objective}, k={result.k}): {s.objective:.3f}"
+    if result.conditional:
+        objective += "; conditional: given the test labels"
+    print(
+        f"test -ELBO   {s.neg_elbo:.3f} nats  (reconstruction {s.rec:.3f}, KL {s.kl:.3f}"
+        f"{objective}; {s.n} samples, {s.active_units} active units)",
+        flush=True,
+    )
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    from fastvae.workflows import sample_run
 
-    from fastvae.backends import resolve_device
-    from fastvae.images import save_grid
-    from fastvae.limits import check_fits
-    from fastvae.runs import load_model, read_run_config
-    from fastvae.toolkit import SAMPLE_ROWS, sample_labels
-
-    device = resolve_device(a.device)
-    model = load_model(a.run, device)
-    a.label = _class_label(a.label, read_run_config(a.run)[1])
-    check_fits(8 * a.n * model.config.flat_dim, f"{a.n:,} samples", "draw fewer with -n", device)
-    conditional_grid = model.config.conditional and a.label is None
-    ncol = a.ncol or (SAMPLE_ROWS if conditional_grid else math.ceil(math.sqrt(a.n)))
-    y = sample_labels(model, a.n, a.label, ncol)  # a conditional grid: row r shows label r % C
-    g = torch.Generator(device=device)
-    g.manual_seed(a.seed)
-    x = model.sample(a.n, generator=g, temperature=a.temperature, y=y).float().cpu().numpy()
-    if not np.isfinite(x).all():
-        raise_error(f"temperature {a.temperature:g} gives non-finite samples; use a smaller --temperature")
-    _check_out(a.out)
-    save_grid(x, model.config.data_shape, a.out, ncol=ncol)
-    which = (
-        f" of label {a.label}" if a.label is not None else " (row r: label r % C)" if conditional_grid else ""
-    )
+    r = sample_run(a.run, a.n, seed=a.seed, temperature=a.temperature, label=a.label, ncol=a.ncol, out=a.out,
+                   device=a.device)  # fmt: skip
+    which = f" of label {r.label}" if r.label is not None else " (row r: label r % C)" if r.label_rows else ""
     print(f"wrote {a.n} samples{which} to {a.out}")
     return 0
 
@@ -237,181 +194,80 @@ def cmd_export(a: argparse.Namespace) -> int:
     results = export_parts(a.run, a.out, a.part, iw=a.iw, int8=a.int8, reduce_range=a.int8_reduce_range,
                            progress=True)  # fmt: skip
     for res in results:
-        m = res.metadata
-        errs = ", ".join(
-            f"{k[5:].replace('_', ' ')} {v}" for k, v in m.items() if k.startswith("int8_") and "error" in k
-        )
-        extra = f"; int8 ({'reduce_range' if a.int8_reduce_range else 'full range'}) {errs}" if a.int8 else ""
-        if "int8_test_elbo_change" in m:
-            extra += f", test -ELBO change {float(m['int8_test_elbo_change']):+.3f} nats"
+        extra, q = "", res.int8
+        if q is not None:  # the errors as the metadata records them (6 significant digits)
+            errs = ", ".join(f"{name} {v:.6g}" for name, v in q.errors.items())
+            extra = f"; int8 ({'reduce_range' if q.reduce_range else 'full range'}) {errs}"
+            extra += "" if q.elbo_change is None else f", test -ELBO change {q.elbo_change:+.3f} nats"
         print(
             f"wrote {res.part} {res.path} (onnxruntime vs PyTorch max |delta| {res.max_abs_diff:.1e}{extra})"
         )
     return 0
 
 
-def _load_run(a: argparse.Namespace, data: str | None = None):
-    """The run a toolkit command names, on the device it asks for (``fastvae.runs.load_run``)."""
-    from fastvae.backends import resolve_device
-    from fastvae.runs import load_run
-
-    return load_run(a.run, resolve_device(getattr(a, "device", "auto")), data=data)
-
-
-def _class_label(label: str | None, doc: dict) -> int | None:
-    """--label as the model's integer: a class name the run recorded (its folder's subfolders) or 0..C-1."""
-    from fastvae.data import resolve_label
-
-    return resolve_label(label, doc.get("classes"))
-
-
 def cmd_interpolate(a: argparse.Namespace) -> int:
-    import torch
+    from fastvae.workflows import interpolate_run
 
-    from fastvae.images import save_grid
-    from fastvae.toolkit import interpolate
-
-    run = _load_run(a)
-    a.label = _class_label(a.label, run.doc)
-    for name, i in (("--a", a.a), ("--b", a.b)):
-        if not 0 <= i < len(run.test):
-            raise_error(f"{name} {i} is not a test image index (0..{len(run.test) - 1})")
-    _check_out(a.out)
-    x_a, x_b = run.test_images(a.a, a.a + 1), run.test_images(a.b, a.b + 1)
-    ends = None
-    if run.config.conditional:
-        ends = (int(run.test_labels(a.a, a.a + 1)[0]), int(run.test_labels(a.b, a.b + 1)[0]))
-    path = interpolate(run.model, x_a[0], x_b[0], a.steps, labels=ends, label=a.label)
-    row = torch.cat([x_a, path, x_b]).cpu().numpy()  # image a, the line, image b
-    save_grid(row, run.config.data_shape, a.out, ncol=len(row), scale=3)
-    print(
-        f"wrote {a.out}: test image {a.a}, {a.steps} decoded points from mu({a.a}) to mu({a.b}), test image {a.b}"
-    )
+    interpolate_run(a.run, a.first, a.second, a.steps, label=a.label, out=a.out, device=a.device)
+    print(f"wrote {a.out}: test image {a.first}, {a.steps} decoded points from mu({a.first}) to mu({a.second}), "
+          f"test image {a.second}")  # fmt: skip
     return 0
 
 
 def cmd_manifold(a: argparse.Namespace) -> int:
-    from fastvae.images import save_grid
-    from fastvae.limits import check_fits
-    from fastvae.toolkit import manifold, most_active_dims, usage_per_dim
+    from fastvae.workflows import manifold_run
 
-    run = _load_run(a)
-    a.label = _class_label(a.label, run.doc)
-    config = run.config
-    _check_out(a.out)
-    check_fits(
-        8 * a.n * a.n * config.flat_dim, f"a {a.n}x{a.n} manifold", "use a smaller -n", run.test.x.device
-    )
-    if config.latent_dim == 2:
-        dims = (0, 1)
-    else:
-        dims = tuple(
-            most_active_dims(usage_per_dim(run.model, run.test_images(0, 2000), run.test_labels(0, 2000)), 2)
-        )
-    images, _ = manifold(run.model, a.n, dims, label=a.label)
-    save_grid(images.cpu().numpy(), config.data_shape, a.out, ncol=a.n, scale=2)
-    other = "" if config.latent_dim == 2 else f" (the two most active of {config.latent_dim}; the rest at 0)"
+    m = manifold_run(a.run, a.n, label=a.label, out=a.out, device=a.device)
+    dims, z = m.dims, m.latent_dim
+    other = "" if z == 2 else f" (the two most active of {z}; the rest at 0)"
     print(f"wrote {a.out}: {a.n}x{a.n} grid over latent dims {dims[0]} (down) and {dims[1]} (across){other}")
     return 0
 
 
 def cmd_latents(a: argparse.Namespace) -> int:
-    from fastvae.plots import latent_scatter
-    from fastvae.toolkit import posterior_means, project_2d
+    from fastvae.workflows import latents_run
 
-    run = _load_run(a)
-    _check_out(a.out)
-    n = min(a.limit, len(run.test))
-    coords, axes = project_2d(posterior_means(run.model, run.test_images(0, n), y=run.test_labels(0, n)))
-    labels = None if run.labels is None else run.labels[:n]
-    latent_scatter(coords.numpy(), labels, f"posterior means of {n} test samples: {axes}", a.out)
-    print(f"wrote {a.out}: {n} test posterior means ({axes})")
+    coords, axes = latents_run(a.run, a.limit, out=a.out, device=a.device)
+    print(f"wrote {a.out}: {len(coords)} test posterior means ({axes})")
     return 0
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    import torch
+    from fastvae.workflows import score_run
 
-    from fastvae.data import load_array, unit_float
-    from fastvae.toolkit import anomaly_scores, write_scores_csv
-
-    run = _load_run(a)
-    config = run.config
-    size = run.doc.get("train", {}).get("image_size")
-    arr = load_array(a.data, config.likelihood, image_size=tuple(size) if size else None,
-                     grayscale=bool(run.doc.get("train", {}).get("grayscale", False)))  # fmt: skip
-    if arr.shape[1:] != config.data_shape and arr.reshape(len(arr), -1).shape[1] != config.flat_dim:
-        raise_error(f"{a.data}: samples have shape {arr.shape[1:]}, the model expects {config.data_shape}")
-    x = torch.from_numpy(unit_float(arr))
-    y = _score_labels(a, config, len(x))
-    _check_out(a.out)
-    if config.is_ae:
-        a.iw = 0  # no importance-weighted bound for an autoencoder; its -ELBO column is -log p(x|mu(x))
-    nelbo, iw = anomaly_scores(run.model, x, a.iw, progress=True, y=y)
-    write_scores_csv(a.out, nelbo, iw, a.iw)
-    first = "reconstruction NLL" if config.is_ae else "-ELBO"
-    last = ", IW NLL undefined for an autoencoder" if config.is_ae else ""
-    last = f", mean IW NLL {iw.mean():.2f} nats" if a.iw else last
-    print(f"wrote {a.out}: {len(x)} samples, mean {first} {nelbo.mean():.2f} nats{last}")
+    r = score_run(a.run, a.data, iw=a.iw, labels=a.labels, out=a.out, plot=a.plot,
+                  reference_limit=a.reference_limit, device=a.device, progress=True)  # fmt: skip
+    first = "reconstruction NLL" if r.is_ae else "-ELBO"
+    last = ", IW NLL undefined for an autoencoder" if r.is_ae else ""
+    last = f", mean IW NLL {r.iw_nll.mean():.2f} nats" if r.iw else last
+    print(f"wrote {a.out}: {len(r.neg_elbo)} samples, mean {first} {r.neg_elbo.mean():.2f} nats{last}")
     if a.plot:
-        _plot_scores(run, nelbo if a.iw == 0 else iw, a)
+        n_ref = len(r.reference)
+        print(f"wrote {a.plot}: ROC AUC {r.auc:.3f} of the scored data against {n_ref} held-out test samples")
     return 0
 
 
-def _score_labels(a: argparse.Namespace, config, n: int):
-    """A conditional VAE scores -log p(x|y): the labels from --labels (.npy, one integer per sample)."""
-    if not config.conditional:
-        if a.labels is not None:
-            raise_error("--labels applies to a conditional VAE (trained with --conditional); this one is not")
-        return None
-    import torch
-
-    from fastvae.data import load_dataset, load_labels
-
-    if a.labels is None and a.data == "mnist":
-        y = load_dataset("mnist").y_test  # the bundled test split's own labels
-    elif a.labels is None:
-        raise_error(
-            "a conditional VAE scores -log p(x|y): give --labels FILE.npy, one integer label per sample"
-        )
-    else:
-        y = load_labels(a.labels, n)
-    if y.min() < 0 or y.max() >= config.classes:
-        raise_error(f"labels must be in 0..{config.classes - 1}, got {y.min()}..{y.max()}")
-    return torch.from_numpy(y)
-
-
-def _plot_scores(run, scores, a: argparse.Namespace) -> None:
-    """Histogram of the scores against the run's own held-out test split, with the ROC AUC."""
-    from fastvae.plots import score_histogram
-    from fastvae.toolkit import anomaly_scores, roc_auc
-
-    _check_out(a.plot)
-    ref_elbo, ref_iw = anomaly_scores(run.model, run.test_images(0, a.reference_limit, raw=True), a.iw,
-                                      y=run.test_labels(0, a.reference_limit))  # fmt: skip
-    ref = ref_elbo if a.iw == 0 else ref_iw
-    auc = roc_auc(ref, scores)
-    what = "reconstruction NLL" if run.config.is_ae else ("-ELBO" if a.iw == 0 else f"IW NLL (k={a.iw})")
-    score_histogram(ref, scores, what=what, scored_name=Path(a.data).name, auc=auc, out=a.plot)
-    print(f"wrote {a.plot}: ROC AUC {auc:.3f} of the scored data against {len(ref)} held-out test samples")
-
-
 def cmd_quality(a: argparse.Namespace) -> int:
-    from fastvae.quality import cache_dir, max_entropy_bits, run_quality
+    from fastvae.workflows import quality_run
 
-    run = _load_run(a)
-    report = run_quality(run, a.n, a.seed)
+    run, report = quality_run(a.run, a.n, a.seed, device=a.device)
     if a.json:
         print(json.dumps(report.as_dict()))
-        return 0
-    if report.unavailable:
+    elif report.unavailable:
         print(f"{run.path}: quality scores unavailable: {report.unavailable}")
-        return 0
+    else:
+        _print_quality(report, labelled=run.config.conditional)  # every row then has its label agreement
+    return 0
+
+
+def _print_quality(report, labelled: bool) -> None:
+    """quality's table of a ``fastvae.quality.QualityReport``."""
+    from fastvae.quality import cache_dir, max_entropy_bits
+
     top = max_entropy_bits(report.n_classes)
     print(
         f"judge: MLP classifier, test accuracy {report.classifier_accuracy:.4f} (cached in {cache_dir()})"
     )
-    labelled = run.config.conditional  # every row then has its label agreement
     print(f"{'':30s} {'confidence':>10s} {'entropy bits':>13s} {'MNIST-FD':>9s}"
           f"{' label agreement' if labelled else ''}  class histogram")  # fmt: skip
     for name, sc in report.rows.items():
@@ -424,53 +280,26 @@ def cmd_quality(a: argparse.Namespace) -> int:
     if labelled:
         print("label agreement: the share of images the judge assigns to the label they were drawn for "
               "(conditional VAE: prior samples row r of 10 label r % C; midpoints decoded with the first end's label)")  # fmt: skip
-    return 0
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from fastvae.backends import resolve_device
-    from fastvae.checkpoint import atomic_write_bytes
-    from fastvae.compare import compare_runs, table
-    from fastvae.plots import compare_figure
+    from fastvae.workflows import compare_run_dirs
 
-    _check_out(a.out)
-    if a.table:
-        _check_out(a.table)
     names = a.names.split(",") if a.names else None
-    summaries = compare_runs(a.runs, names, device=resolve_device(a.device), n_quality=a.n, seed=a.seed)
-    text = table(summaries)
-    compare_figure(summaries, a.out)
-    if a.table:
-        atomic_write_bytes(a.table, (text + "\n").encode())
+    text = compare_run_dirs(a.runs, a.out, table_out=a.table, names=names, device=a.device, n_quality=a.n,
+                            seed=a.seed)  # fmt: skip
     print(text)
     print(f"wrote {a.out}" + (f" and {a.table}" if a.table else ""))
     return 0
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
-    import numpy as np
+    from fastvae.workflows import edit_run
 
-    from fastvae.edit import attribute_direction, edit, label_groups, parse_strengths, read_attribute
-    from fastvae.images import save_grid
-    from fastvae.toolkit import refuse_conditional
-
-    strengths = parse_strengths(a.strength)
-    run = _load_run(a)
-    refuse_conditional(run.model, "fastvae edit (a label is an input of a conditional VAE, not a direction)")
-    n = len(run.test)
-    if not 0 <= a.image < n:
-        raise_error(f"--image {a.image} is not a test image index (0..{n - 1})")
-    _check_out(a.out)
-    if a.attributes:
-        rows, mask = np.arange(n), read_attribute(a.attributes, a.attribute, n)
-    else:
-        rows, mask = label_groups(a.attribute, run.labels)
-    x = run.test_images()
-    direction = attribute_direction(run.model, x[rows], mask)
-    strip = edit(run.model, x[a.image], direction, strengths)
-    save_grid(strip.cpu().numpy(), run.config.data_shape, a.out, ncol=len(strip), scale=3)
-    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then strengths {', '.join(f'{v:g}' for v in strengths)}"
-          f" along {a.attribute} ({int(mask.sum())} with / {int((~mask).sum())} without; |direction| {direction.norm():.2f})")  # fmt: skip
+    r = edit_run(a.run, a.image, a.attribute, attributes=a.attributes, strengths=a.strength, out=a.out,
+                 device=a.device)  # fmt: skip
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then strengths {', '.join(f'{v:g}' for v in r.strengths)}"
+          f" along {a.attribute} ({r.n_with} with / {r.n_without} without; |direction| {r.direction.norm():.2f})")  # fmt: skip
     return 0
 
 
@@ -491,18 +320,6 @@ def _preset_batches() -> str:
 
 
 _THREADS_HELP = "CPU threads for torch (default: $OMP_NUM_THREADS, else 1: see the README's 'Threads')"
-
-
-def _check_out(path: str) -> None:
-    from fastvae.atomic import check_writable
-
-    check_writable(path)
-
-
-def raise_error(message: str) -> None:
-    from fastvae.errors import FastVAEError
-
-    raise FastVAEError(message)
 
 
 # ---- parser -----------------------------------------------------------------------------------------
@@ -626,8 +443,8 @@ def _add_toolkit(sub) -> None:
 
     i = run_command("interpolate", "decode the line between two test images' posterior means", "interpolation.png",
                     cmd_interpolate)  # fmt: skip
-    i.add_argument("--a", type=_int_at_least(0), required=True, help="test image index")
-    i.add_argument("--b", type=_int_at_least(0), required=True, help="test image index")
+    i.add_argument("--a", dest="first", type=_int_at_least(0), required=True, help="test image index")
+    i.add_argument("--b", dest="second", type=_int_at_least(0), required=True, help="test image index")
     i.add_argument("--steps", type=_int_at_least(2, MAX_IMAGES), default=10)
     i.add_argument("--label", type=str, default=None,
                    help="conditional VAE: decode the path with this label, a class name or 0..C-1 (default: image a's)")  # fmt: skip

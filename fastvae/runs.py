@@ -27,7 +27,7 @@ from fastvae import checkpoint as ckpt
 from fastvae.backends import make_model
 from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
 from fastvae.config import TrainConfig, VAEConfig, describe_data
-from fastvae.data import Dataset, DeviceData, is_in_memory, label_classes, load_dataset
+from fastvae.data import Dataset, DeviceData, is_in_memory, label_classes, load_array, load_dataset
 from fastvae.distributed import DistInfo
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import eval_rows
@@ -116,10 +116,27 @@ class Run:
         rows = torch.arange(start, stop, device=self.test.x.device)
         return eval_rows(self.test, rows, self.seed, self.binarized and not raw)
 
+    def read_samples(self, source: Any) -> np.ndarray:
+        """Samples (N, ...) for this run's model from ``source`` (any form ``fastvae.data.load_array``
+        takes), read as the run reads its own data; one clear line when their shape is not the model's."""
+        cfg = self.config
+        arr = load_array(source, cfg.likelihood, **_read_options(self.doc.get("train", {})))
+        if arr.shape[1:] != cfg.data_shape and arr.reshape(len(arr), -1).shape[1] != cfg.flat_dim:
+            raise FastVAEError(
+                f"{describe_data(source)}: samples have shape {arr.shape[1:]}, the model expects {cfg.data_shape}"
+            )
+        return arr
+
     def test_labels(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
         """Labels of test rows start..stop on the model's device for a conditional VAE, else None."""
         stop = len(self.test) if stop is None else min(stop, len(self.test))
         return self.test.labels(torch.arange(start, stop, device=self.test.x.device))
+
+
+def _read_options(train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """How a run reads images (its recorded image size and colour mode): its own data and data it scores."""
+    size = train_cfg.get("image_size")
+    return {"image_size": tuple(size) if size else None, "grayscale": bool(train_cfg.get("grayscale", False))}
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", data: Any = None) -> Run:
@@ -135,9 +152,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", dat
             f"{run_dir}: trained on in-memory data {source}; pass the same data again (data= in the API, "
             "or --data FILE after saving it with numpy.save)"
         )
-    size = train_cfg.get("image_size")
-    dataset = load_dataset(source, config.likelihood, image_size=tuple(size) if size else None,
-                           grayscale=bool(train_cfg.get("grayscale", False)), progress=False)  # fmt: skip
+    dataset = load_dataset(source, config.likelihood, progress=False, **_read_options(train_cfg))
     if dataset.data_shape != config.data_shape:
         raise FastVAEError(
             f"{describe_data(source)}: samples have shape {dataset.data_shape}, the model expects {config.data_shape}"
