@@ -614,65 +614,32 @@ def _device_of(a: argparse.Namespace):
     return resolve_device(getattr(a, "device", "auto"))
 
 
-def _dsprites_run(a: argparse.Namespace):
-    """The run of a dSprites command, loaded on its own grid (one line when it has no factor labels)."""
-    from fastvae.disentangle import grid_of_run
-    from fastvae.runs import load_run
-
-    run = load_run(a.run, _device_of(a), data=grid_of_run(a.run))
-    if not 0 <= a.image < len(run.test):
-        raise_error(f"--image {a.image} is not a test image index (0..{len(run.test) - 1})")
-    return run
-
-
 def cmd_traverse(a: argparse.Namespace) -> int:
-    from fastvae.disentangle import disentanglement, traversal
-    from fastvae.plots import traversal_figure
+    from fastvae.workflows import traverse_run
 
-    _check_out(a.out)
-    run = _dsprites_run(a)
-    report = disentanglement(run, n=a.n, seed=a.seed, with_sap=False)
-    images, labels = traversal(run.model, run.test_images(a.image, a.image + 1)[0], report, steps=a.steps,
-                               limit=a.limit)  # fmt: skip
-    traversal_figure(images, run.config.data_shape, labels, a.limit, a.out)
-    print(f"wrote {a.out}: {len(labels)} active latents of {run.config.latent_dim} (KL > 0.01 nats), test image "
-          f"{a.image}, {a.steps} steps over +-{a.limit:g}; MIG {report.mig.score:.3f}")  # fmt: skip
+    r = traverse_run(a.run, image=a.image, steps=a.steps, limit=a.limit, n=a.n, seed=a.seed, out=a.out,
+                     device=a.device)  # fmt: skip
+    print(f"wrote {a.out}: {len(r.labels)} active latents of {r.latent_dim} (KL > 0.01 nats), test image "
+          f"{a.image}, {a.steps} steps over +-{a.limit:g}; MIG {r.mig:.3f}")  # fmt: skip
     return 0
 
 
 def cmd_edit_factor(a: argparse.Namespace) -> int:
-    import numpy as np
+    from fastvae.dsprites import FACTORS
+    from fastvae.workflows import edit_factor_run
 
-    from fastvae import dsprites
-    from fastvae.disentangle import disentanglement, edit_codes, factor_latent, measure_edit, nearest_rows
-    from fastvae.edit import parse_strengths
-    from fastvae.images import save_grid
-
-    dsprites.factor_index(a.factor)  # an unknown name fails before any work
-    strengths = parse_strengths(a.strength)
-    _check_out(a.out)
-    run = _dsprites_run(a)
-    report = disentanglement(run, seed=a.seed, with_sap=False)
-    e = factor_latent(report, report.codes, report.classes, a.factor)
-    x = run.test_images(a.image, a.image + 1)
-    strip = edit_codes(run.model, x, e, strengths).numpy()
-    save_grid(
-        np.concatenate([x.cpu().numpy(), strip]), run.config.data_shape, a.out, ncol=len(strip) + 1, scale=3
-    )
-    g = dsprites.grid(report.grid)
-    read = g.values(g.classes(nearest_rows(report.grid, strip)))
-    k = dsprites.factor_index(a.factor)
-    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then {e.factor} along z{e.latent} "
-          f"(MI/H {report.mig.normalised[e.latent, k]:.2f}; 1 strength = {e.sd:.2f}, its codes' std)")  # fmt: skip
-    print("read back (nearest grid image): " + "; ".join(
-        f"{s:+g}: {e.factor} {read[i + 1, k]:.3g}" for i, s in enumerate(strengths)) + f" (reconstruction {read[0, k]:.3g})")  # fmt: skip
-    if a.measure:
-        change, signed = measure_edit(run.model, report.grid, e, strengths, n=a.measure, seed=a.seed + 1)
+    r = edit_factor_run(a.run, a.image, a.factor, strengths=a.strength, measure=a.measure, seed=a.seed,
+                        out=a.out, device=a.device)  # fmt: skip
+    print(f"wrote {a.out}: test image {a.image}, its reconstruction, then {r.factor} along z{r.latent} "
+          f"(MI/H {r.mi_share:.2f}; 1 strength = {r.sd:.2f}, its codes' std)")  # fmt: skip
+    print("read back (nearest grid image): " + "; ".join(f"{s:+g}: {r.factor} {v:.3g}" for s, v in
+          zip(r.strengths, r.read_back[1:])) + f" (reconstruction {r.read_back[0]:.3g})")  # fmt: skip
+    if r.change is not None:
         print(f"mean |change| over {a.measure} seeded images against their reconstructions, read back by nearest "
               "neighbour, as a share of each factor's range (shape: share changed); last: mean signed change "
-              f"of {e.factor}'s value")  # fmt: skip
-        print(f"{'strength':>8s} " + " ".join(f"{f:>11s}" for f in dsprites.FACTORS) + f" {'signed':>8s}")
-        for s, row, d in zip(strengths, change, signed):
+              f"of {r.factor}'s value")  # fmt: skip
+        print(f"{'strength':>8s} " + " ".join(f"{f:>11s}" for f in FACTORS) + f" {'signed':>8s}")
+        for s, row, d in zip(r.strengths, r.change, r.signed):
             print(f"{s:+8g} " + " ".join(f"{v:11.3f}" for v in row) + f" {d:+8.3f}")
     return 0
 
@@ -688,12 +655,14 @@ def cmd_dsprites(a: argparse.Namespace) -> int:
 
 def _cmd_edit_any(a: argparse.Namespace) -> int:
     """``fastvae edit``: along a dSprites factor's latent (--factor), or an attribute direction."""
+    from fastvae.errors import FastVAEError
+
     if a.factor is not None:
         if a.attribute is not None or a.attributes is not None:
-            raise_error("--factor and --attribute/--attributes exclude each other")
+            raise FastVAEError("--factor and --attribute/--attributes exclude each other")
         return cmd_edit_factor(a)
     if a.attribute is None:
-        raise_error("edit needs --attribute (label=A->B or a column of --attributes) or --factor (dSprites)")
+        raise FastVAEError("edit needs --attribute (label=A->B or a column of --attributes) or --factor (dSprites)")
     return cmd_edit(a)
 
 

@@ -395,3 +395,84 @@ def compare_run_dirs(
     if table_out is not None:
         atomic_write_bytes(table_out, (text + "\n").encode())
     return text
+
+
+# ---- dSprites: traversals and factor edits (fastvae.disentangle) -------------------------------------------
+def dsprites_run(run: RunLike, image: int = 0, device: str | torch.device = "auto") -> Run:
+    """A run trained on a dSprites grid, loaded on that grid (one line when its data has no factor labels),
+    with ``image`` checked as a test image index."""
+    from fastvae.disentangle import grid_of_run
+
+    run = run if isinstance(run, Run) else load_run(run, _device(device), data=grid_of_run(run))
+    if not 0 <= image < len(run.test):
+        raise FastVAEError(f"--image {image} is not a test image index (0..{len(run.test) - 1})")
+    return run
+
+
+@dataclass
+class TraverseResult:
+    images: np.ndarray  # (rows * steps, D): one row per active latent, most KL first
+    labels: list[str]  # each row's latent and the factor it carries most
+    latent_dim: int
+    mig: float
+
+
+def traverse_run(
+    run: RunLike, *, image: int = 0, steps: int = 10, limit: float = 3.0, n: int = 10_000, seed: int = 0,
+    out: str | os.PathLike | None = None, device: str | torch.device = "auto",
+) -> TraverseResult:  # fmt: skip
+    """The beta-VAE traversal figure of test image ``image`` (rows labelled from a seeded MIG sample of
+    ``n`` images); ``out``: the PNG."""
+    from fastvae.disentangle import disentanglement, traversal
+    from fastvae.plots import traversal_figure
+
+    _check_out(out)
+    run = dsprites_run(run, image, device)
+    report = disentanglement(run, n=n, seed=seed, with_sap=False)
+    images, labels = traversal(run.model, run.test_images(image, image + 1)[0], report, steps=steps, limit=limit)
+    if out is not None:
+        traversal_figure(images, run.config.data_shape, labels, limit, out)
+    return TraverseResult(images, labels, run.config.latent_dim, report.mig.score)
+
+
+@dataclass
+class FactorEditResult:
+    strip: np.ndarray  # (2 + S, D): the image, its reconstruction, one decode per strength
+    strengths: list[float]
+    factor: str
+    latent: int
+    sd: float  # one strength: the latent's code std
+    mi_share: float  # the latent's mutual information with the factor / the factor's entropy
+    read_back: np.ndarray  # (1 + S,): the factor's value read back from the reconstruction and each edit
+    change: np.ndarray | None  # (S, 5): mean |change| of each factor over seeded images (measure_edit)
+    signed: np.ndarray | None  # (S,): mean signed change of the edited factor
+
+
+def edit_factor_run(
+    run: RunLike, image: int, factor: str, *, strengths: str | Sequence[float] = (-2.0, -1.0, 1.0, 2.0),
+    measure: int = 100, seed: int = 0, out: str | os.PathLike | None = None, device: str | torch.device = "auto",
+) -> FactorEditResult:  # fmt: skip
+    """Move test image ``image`` along the latent that carries dSprites ``factor``; read the edits' true
+    factors back by nearest neighbour in the grid, over ``measure`` seeded images too (0: skip)."""
+    from fastvae import dsprites, edit
+    from fastvae.disentangle import disentanglement, edit_codes, factor_latent, measure_edit, nearest_rows
+
+    k = dsprites.factor_index(factor)  # an unknown name fails before any work
+    strengths = (
+        edit.parse_strengths(strengths) if isinstance(strengths, str) else [float(s) for s in strengths]
+    )
+    _check_out(out)
+    run = dsprites_run(run, image, device)
+    report = disentanglement(run, seed=seed, with_sap=False)
+    e = factor_latent(report, report.codes, report.classes, factor)
+    x = run.test_images(image, image + 1)
+    strip = np.concatenate([x.cpu().numpy(), edit_codes(run.model, x, e, strengths).numpy()])
+    if out is not None:
+        save_grid(strip, run.config.data_shape, out, ncol=len(strip), scale=3)
+    g = dsprites.grid(report.grid)
+    read = g.values(g.classes(nearest_rows(report.grid, strip[1:])))[:, k]
+    change, signed = (
+        measure_edit(run.model, report.grid, e, strengths, n=measure, seed=seed + 1) if measure else (None, None)
+    )
+    return FactorEditResult(strip, strengths, e.factor, e.latent, e.sd, float(report.mig.normalised[e.latent, k]), read,
+                            change, signed)  # fmt: skip
