@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -66,9 +66,8 @@ def record_step(
     """The launches of one training step (``engine``: the replayed step; ``module``: FusedVAE under autograd,
     with the caller's eps when ``caller_eps``); ``classes`` > 0: the preset as a conditional VAE."""
     from fastvae.config import preset
-    from fastvae.kernels.activations import ACT_CODES
     from fastvae.kernels.heuristics import recording
-    from fastvae.kernels.vae import EngineStep, FusedNegativeElbo, Plan
+    from fastvae.kernels.vae import EngineStep, FusedObjective, Plan
     from fastvae.kernels.weight_grad import AdamBuffers
 
     if preset_name.endswith(CONDITIONAL_SUFFIX):
@@ -76,8 +75,7 @@ def record_step(
     cfg = preset(preset_name)
     dev = torch.device("meta")
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    plan = Plan(batch, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim, ACT_CODES[cfg.activation], dt,
-                classes, cfg.k, cfg.objective == "iwae")  # fmt: skip
+    plan = Plan.of(replace(cfg, classes=classes), batch, dt)
     shapes = plan.param_shapes()
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     p = sum(sizes)
@@ -112,7 +110,7 @@ def record_step(
             x = torch.empty(batch, cfg.flat_dim, dtype=dt, device=dev)
             eps = torch.empty(batch * cfg.k, cfg.latent_dim, **f32) if caller_eps else None
             labels = torch.empty(batch, dtype=torch.int32, device=dev) if classes else None
-            loss = FusedNegativeElbo.apply(x, eps, labels, rng, beta, plan, 0, *ps)[0]
+            loss = FusedObjective.apply(x, eps, labels, rng, beta, plan, 0, *ps)[0]
             loss.backward(torch.empty(batch, **f32))
     return plan, launches
 
