@@ -20,12 +20,8 @@ from fastvae.data import DeviceData
 from fastvae.distributed import DistInfo
 from fastvae.model import fixed_row_blocks
 from fastvae.noise import binarize, row_normal
+from fastvae.noise_keys import BINARIZE_SALT, EVAL_SALT, IW_SALT
 from fastvae.objective import Terms
-
-# Salts that keep evaluation noise apart from training noise drawn with the same seed.
-EVAL_SALT = 1_000_003
-BINARIZE_SALT = 2_000_003
-IW_SALT = 3_000_017
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-import fastvae
 from fastvae import checkpoint as ckpt
+from fastvae._version import __version__
 from fastvae.backends import make_model, resolve_backend, set_threads
 from fastvae.config import TrainConfig
 from fastvae.data import DeviceData, label_classes, load_dataset
@@ -270,7 +270,7 @@ class _Run:
         self.doc = {
             "model": self.model_cfg.to_dict(),
             "train": cfg.to_dict(),
-            "fastvae_version": fastvae.__version__,
+            "fastvae_version": __version__,
         }
         # epoch_loss / epoch_seconds / epoch_steps: what the next metrics line averages over
         self.step, self.metrics, self.epoch_loss, self.epoch_seconds, self.epoch_steps = 0, [], 0.0, 0.0, 0
@@ -473,7 +473,7 @@ class _Run:
                 "epoch_steps": self.epoch_steps,
                 "epoch": self.step // self.steps_per_epoch,
                 "torch_rng": torch.get_rng_state().tolist(),
-                "fastvae_version": fastvae.__version__,
+                "fastvae_version": __version__,
                 "config": self.doc,
             }
             ckpt.save_checkpoint(
