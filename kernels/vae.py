@@ -45,7 +45,9 @@ from fastvae.kernels.heuristics import (
     dot_precision,
     gather_tiles,
     latent_pad,
+    latent_tiles,
     layer_tiles,
+    weighted_tiles,
     wgrad_tiles,
 )
 from fastvae.kernels.latent import latent_backward
@@ -102,31 +104,18 @@ class Plan:
     def zp(self) -> int:
         return latent_pad(self.z)
 
+    # The tiling rules live in heuristics.py (their one place); these name the plan's inputs to them.
     def tiles(self, width: int, decoder: bool = False) -> Tiles:
         """Tiles of a layer of ``width`` features over the encoder's B rows or the decoder's B K rows."""
         return layer_tiles(self.rows if decoder else self.batch, width, self.dtype)
 
     def weighted_tiles(self, width: int, tiles: Tiles) -> Tiles:
-        """The output layer's input gradient with K-sample row weights (it also loads the weights and stores
-        the combined row scale): at most 32 rows (iwae-k5 B = 1024 fp32, 64-row blocks: 80 registers and
-        8 spilled bytes; 32 rows: none. Report, sm_90, compiled, not timed)."""
-        if self.multi and tiles.rows > 32:
-            return Tiles(32, tiles.cols, tiles.red, tiles.warps)
-        return tiles
+        """The output layer's input gradient with K-sample row weights (``heuristics.weighted_tiles``)."""
+        return weighted_tiles(tiles, self.multi)
 
     def latent_tiles(self, width: int, small_k: bool = False, decoder: bool = False) -> Tiles:
-        """Tiles of the kernels that also carry latent-width work: the same feature tiles (the partial counts
-        must match), fewer rows where the report showed spills (sm_90, compiled, not timed).
-
-        Head / dz partials next to a large GEMM: half the rows when Z pads to 64 or more (iwae, Z = 50 -> 64,
-        B = 16384 fp32: 64-row blocks used 255 registers and spilled 230-1,550 bytes; 32 rows: none).
-        ``small_k`` (the latent prologue + first decoder layer, the latent backward: reductions over ZP only,
-        so no weight reuse to protect): at most 32 rows (paper, B = 16384 fp32: 64 rows spilled 16 bytes at
-        80 registers; 32 rows: 64 registers, 4 CTAs/SM, no spill)."""
-        t = self.tiles(width, decoder)
-        if t.rows >= 32 and (self.zp >= 64 or (small_k and t.rows > 32)):
-            return Tiles(t.rows // 2, t.cols, t.red, t.warps)
-        return t
+        """Tiles of the kernels that also carry latent-width work (``heuristics.latent_tiles``)."""
+        return latent_tiles(self.tiles(width, decoder), self.zp, small_k)
 
     def layout(self) -> dict[str, int]:
         """Element offsets of each (rows, width) activation and gradient in the workspace, and its size: B
