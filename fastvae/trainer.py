@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from fastvae import checkpoint as ckpt
+from fastvae import objective as objectives
 from fastvae._version import __version__
 from fastvae.backends import make_model, resolve_backend, set_threads
 from fastvae.config import TrainConfig
@@ -100,8 +101,9 @@ def _figure_line(model_cfg, stats) -> str:
 def _model_kind(m) -> str:
     """What the start line adds about the objective and the labels (nothing for the plain VAE)."""
     parts = [f"{m.classes} labels"] if m.conditional else []
-    if m.objective == "iwae" or m.k > 1:
-        parts.append(f"{m.objective} k={m.k}")
+    objective = objectives.of(m)
+    if objective.multi:
+        parts.append(objective.label)
     return "".join(f", {p}" for p in parts)
 
 
