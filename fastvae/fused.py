@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +22,9 @@ from fastvae.config import VAEConfig
 from fastvae.errors import FastVAEError
 from fastvae.model import ReferenceVAE
 from fastvae.objective import Terms
+
+if TYPE_CHECKING:  # Triton is an optional extra: the kernels load when first used
+    from fastvae.kernels.vae import Plan
 
 _NOTICED: set[str] = set()
 
@@ -76,7 +80,7 @@ class FusedVAE(ReferenceVAE):
         free_bits: float = 0.0,
         grad_x: bool = False,
         step: bool = False,
-    ):
+    ) -> Plan | str:
         """The one decision for the fused path: the kernels' ``Plan`` for a batch of ``batch`` rows computed
         in ``dtype``, or why they cannot run it (a short reason). ``grad_x``: a gradient w.r.t. x is wanted;
         ``step``: for the engine's whole fused step, which draws the latent noise in-kernel."""
@@ -100,7 +104,7 @@ class FusedVAE(ReferenceVAE):
     def fused_terms(
         self,
         x: Tensor,
-        plan,
+        plan: Plan,
         eps: Tensor | None = None,
         *,
         y: Tensor | None = None,
