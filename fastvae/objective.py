@@ -64,6 +64,7 @@ class Draw:
     eps: Tensor | None  # (B, K, Z) standard normals; None for the deterministic z = mu
     z: Tensor  # (B, K, Z)
     rec: Tensor  # (B, K) -log p(x|z_j)
+    rec_mean: Tensor  # (B,) its mean over the K draws (K = 1: the one draw's, no reduction)
 
 
 # ---- the formulas, once -----------------------------------------------------------------------------------
@@ -124,22 +125,25 @@ def draw(
     x = x.flatten(1)
     b = x.shape[0]  # shape[0], not len(): stays symbolic in an export
     mu, logvar = model.encode(x, y)  # (B, Z) each
+    z_dim = mu.shape[-1]
     if not noise:
-        eps, z = None, mu[:, None]
+        eps, z_rows = None, mu
     else:
-        z_dim = mu.shape[-1]
         if eps is None:
             eps = torch.randn(b, k, z_dim, dtype=mu.dtype, device=mu.device)
         eps = _check_eps(eps, b, k, z_dim)
-        z = mu[:, None] + torch.exp(0.5 * logvar[:, None]) * eps  # (B, K, Z): the reparameterization trick
-    k = z.shape[1]
+        std = torch.exp(0.5 * logvar)  # the reparameterization trick: z_j = mu + std * eps_j
+        # K = 1 on (B, Z) rows: the same values as the broadcast, without its views in the autograd graph
+        z_rows = mu + std * eps[:, 0] if k == 1 else (mu[:, None] + std[:, None] * eps).reshape(b * k, z_dim)
+    k = 1 if eps is None else k
     if k == 1:
         x_rows, y_rows = x, y
     else:  # expand, not repeat_interleave: the same rows, and a plain reshape in an exported graph
         x_rows = x[:, None].expand(b, k, x.shape[1]).reshape(b * k, x.shape[1])
         y_rows = None if y is None else y.repeat_interleave(k)
-    out = model.decode(z.reshape(b * k, z.shape[-1]), y_rows)  # (B K, D)
-    return Draw(mu, logvar, eps, z, model.reconstruction_nll(x_rows, out).view(b, k))
+    rec_rows = model.reconstruction_nll(x_rows, model.decode(z_rows, y_rows))  # (B K,)
+    rec = rec_rows.view(b, k)
+    return Draw(mu, logvar, eps, z_rows.view(b, k, z_dim), rec, rec_rows if k == 1 else rec.mean(1))
 
 
 # ---- the objectives -----------------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ class ELBO(Objective):
     kernel_iw: ClassVar[bool | None] = False
 
     def from_draw(self, d: Draw, beta: float | Tensor, free_bits: float) -> Terms:
-        rec, kl = _mean_k(d.rec), kl_per_dim(d.mu, d.logvar)  # (B,), (B, Z)
+        rec, kl = d.rec_mean, kl_per_dim(d.mu, d.logvar)  # (B,), (B, Z)
         return Terms(rec + beta * free_bits_floor(kl, free_bits).sum(-1), rec, kl.sum(-1), kl)
 
 
@@ -228,7 +232,7 @@ class IWAE(ELBO):
         self.check(free_bits)
         ratio = log_ratio(d.z, d.eps, d.logvar[:, None])  # (B, K)
         loss = iw_nll(-d.rec - beta * ratio)
-        return Terms(loss, _mean_k(d.rec), _mean_k(ratio), kl_per_dim(d.mu, d.logvar))
+        return Terms(loss, d.rec_mean, _mean_k(ratio), kl_per_dim(d.mu, d.logvar))
 
     def report(self, t: Terms, beta: float) -> Tensor:
         """The bound itself."""
@@ -245,7 +249,7 @@ class Reconstruction(Objective):
     noise: ClassVar[bool] = False
 
     def from_draw(self, d: Draw, beta: float | Tensor, free_bits: float) -> Terms:
-        rec, kl = d.rec[:, 0], torch.zeros_like(d.mu)
+        rec, kl = d.rec_mean, torch.zeros_like(d.mu)
         return Terms(rec, rec, kl.sum(-1), kl)
 
     def report(self, t: Terms, beta: float) -> Tensor:
