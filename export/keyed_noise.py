@@ -11,20 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# the salts of fastvae.evaluate (checked equal by the tests)
-EVAL_SALT = 1_000_003
-IW_SALT = 3_000_017
+from fastvae.noise_keys import EVAL_SALT, IW_SALT, mix
 
-_M64 = (1 << 64) - 1
 _MUL1, _MUL2, _GOLDEN = np.uint32(0x7FEB352D), np.uint32(0x846CA68B), np.uint32(0x9E3779B9)
-
-
-def mix(seed: int, key: int) -> int:
-    """fastvae.noise.mix: a 63-bit seed from (seed, key), SplitMix64 finalizer."""
-    z = (seed * 0x9E3779B97F4A7C15 + key * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 def _hash32(x: np.ndarray) -> np.ndarray:

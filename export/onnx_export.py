@@ -5,9 +5,8 @@ Parts (one self-contained file each, opset 18, dynamic batch):
 - ``decoder``: z (B, Z) float32 -> x_prob (B, D), E[x|z].
 - ``encoder``: x (B, D) -> mu, logvar (B, Z): q(z|x).
 - ``scorer``: x (B, D), eps (B, Z) [, eps_iw (B, K, Z)] -> neg_elbo, rec, kl (B,) [, iw_nll (B,)]: the
-  true -ELBO (beta = 1) and its parts from the model's own ``objective``, and with ``iw=K`` the K-sample
-  importance-weighted NLL (``fastvae.model.iw_log_weights``/``iw_nll``, shared with
-  ``importance_weighted_bound``). The noise is a graph input, not drawn in the graph: ONNX's
+  true -ELBO (beta = 1) and its parts, and with ``iw=K`` the K-sample importance-weighted NLL, both from
+  ``fastvae.objective`` (its ``iw_log_weights``/``iw_nll`` are also ``importance_weighted_bound``'s). The noise is a graph input, not drawn in the graph: ONNX's
   RandomNormal(Like) takes its seed as a static attribute, so a per-call or per-row seed is impossible
   with a standard op, and its stream is the runtime's own, so no check could compare it with PyTorch. The
   torch-free ``Scorer`` draws eps with fastvae's per-row keyed noise ported to numpy
@@ -51,10 +50,10 @@ import numpy as np
 import torch
 
 import fastvae
+from fastvae import objective as objectives
 from fastvae.errors import FastVAEError, require
 from fastvae.export.runtime import MAX_IW
 from fastvae.export.score import DECODED_ROWS
-from fastvae.model import iw_log_weights, iw_nll
 from fastvae.runs import load_model, load_run, read_run_config
 
 OPSET = 18
@@ -93,9 +92,9 @@ class _Encoder(torch.nn.Module):
 class _Scorer(torch.nn.Module):
     """x (B, D), eps (B, Z)[, eps_iw (B, K, Z)] -> neg_elbo, rec, kl[, iw_nll], each (B,).
 
-    The -ELBO is the model's own ``objective`` at beta = 1; the IW NLL decodes the K draws with the
-    model's ``decode``/``reconstruction_nll`` and weighs them with ``iw_log_weights``/``iw_nll``, the
-    functions ``importance_weighted_bound`` uses."""
+    Both through ``fastvae.objective``, the values training and evaluation use: the -ELBO is one draw at
+    beta = 1 (``single_draw``: the autoencoder's rec NLL), the IW NLL the ``IWAE(K)`` bound at beta = 1
+    (``iw_log_weights``/``iw_nll``, as ``importance_weighted_bound``)."""
 
     def __init__(self, model: torch.nn.Module, k: int = 0) -> None:
         super().__init__()
@@ -106,17 +105,10 @@ class _Scorer(torch.nn.Module):
     ):
         m = self.model
         eps_iw, y = (a, b) if self.k else (None, a)  # eps_iw with an IW bound; the labels y come last
-        rec, kl = m.elbo_terms(x, eps, y)  # the -ELBO at beta = 1, whatever the training objective
-        neg_elbo, kl = rec + kl.sum(-1), kl.sum(-1)
+        t = objectives.single_draw(m.config).terms(m, x, eps, y=y)  # whatever the training objective
         if not self.k:
-            return neg_elbo, rec, kl
-        b, k, z_dim = eps_iw.shape
-        mu, logvar = m.encode(x, y)
-        z = m.reparameterize(mu[:, None], logvar[:, None], eps_iw)  # (B, K, Z)
-        out = m.decode(z.reshape(b * k, z_dim), None if y is None else y.repeat_interleave(k))
-        xk = x.flatten(1)[:, None].expand(b, k, x.shape[1]).reshape(b * k, x.shape[1])
-        log_lik = -m.reconstruction_nll(xk, out).reshape(b, k)
-        return neg_elbo, rec, kl, iw_nll(iw_log_weights(log_lik, z, eps_iw, logvar[:, None]))
+            return t.neg_elbo, t.rec, t.kl
+        return t.neg_elbo, t.rec, t.kl, objectives.IWAE(self.k).terms(m, x, eps_iw, y=y).loss
 
 
 @dataclass(frozen=True)
@@ -505,7 +497,7 @@ def _set_metadata(path: Path, meta: dict[str, str], doc: str) -> None:
 def _decoder_elbo(
     probs_fn, model, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
 ) -> float:
-    """Mean -ELBO of ``model`` (its own ``elbo_terms``; labels ``y`` for a conditional VAE) with the decoder
+    """Mean -ELBO of ``model`` (one draw, ``fastvae.objective.single_draw``; labels ``y`` for a conditional VAE) with the decoder
     swapped for ``probs_fn``, a function (z, y) -> probabilities (numpy), read as the logits of those
     probabilities clipped to [1e-7, 1 - 1e-7]."""
 
@@ -516,8 +508,8 @@ def _decoder_elbo(
     swapped = copy.deepcopy(model).double()  # the encoder in float64; only ``decode`` differs
     swapped.decode = decode
     with torch.inference_mode():
-        rec, kl = swapped.elbo_terms(x.double(), eps.double(), y)
-        return float((rec + kl.sum(-1)).mean())
+        t = objectives.single_draw(swapped.config).terms(swapped, x.double(), eps.double(), y=y)
+        return float(t.neg_elbo.mean())
 
 
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, *, reduce_range: bool) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from fastvae import objective as objectives
 from fastvae.config import VAEConfig
 from fastvae.data import DeviceData
 from fastvae.engine import TrainStep, make_optimizer, set_matmul_precision
@@ -83,6 +84,7 @@ class WholeStep:
         self.opt = _adam(self.model, opt_kind)
         self.opt_kind, self.x, self.batch, self.dtype = opt_kind, x, batch, dtype
         self.latent = cfg.latent_dim
+        self.objective = objectives.of(cfg)  # the model's own objective (fastvae.objective)
         self.steps_per_epoch = len(x) // batch
         g = torch.Generator(device="cpu").manual_seed(seed)
         perm = torch.randperm(len(x), generator=g)[: self.steps_per_epoch * batch]
@@ -96,10 +98,10 @@ class WholeStep:
 
     def body(self) -> None:
         xb = torch.index_select(self.x, 0, torch.index_select(self.batches, 0, self.cursor).view(-1))
-        eps = torch.randn(self.batch, self.latent, device=self.x.device)  # noise drawn on the device
+        # (B, K, Z) noise drawn on the device
+        eps = torch.randn(self.batch, self.objective.k, self.latent, device=self.x.device)
         with self._autocast():
-            rec, kl = self.model.elbo_terms(xb, eps)
-            loss = rec.float() + self.beta * kl.float().sum(-1)  # (B,) per-sample -ELBO
+            loss = self.objective.terms(self.model, xb, eps, beta=self.beta).loss.float()  # (B,) per-sample
         self.loss_acc += loss.detach()
         self.cursor.copy_(torch.remainder(self.cursor + 1, self.steps_per_epoch))  # wraps in the table
         loss.mean().backward()

@@ -85,24 +85,27 @@ class TrainStep:
         self.loss_acc = torch.zeros(batch_size, dtype=torch.float32, device=dev)  # (B,) summed over steps
         self.steps_run = 0
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._fused = self._fused_step(data) if _fusable(model, optimizer, data, free_bits) else None
+        # the one decision for the kernels (FusedVAE.plan_for): a Plan, or why they cannot run this model
+        compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+        fused = isinstance(model, FusedVAE)
+        self.plan = model.plan_for(batch_size, compute, free_bits=free_bits) if fused else "not a FusedVAE"
+        whole = self.plan if isinstance(self.plan, str) else model.plan_for(batch_size, compute, step=True)
+        self._fused = (
+            self._fused_step(data, whole) if _engine_can_run(whole, model, optimizer, data) else None
+        )
         # The autograd step reads the data as float once (MNIST: 188 MB): a batch is one gather, not
         # gather + convert + scale. The fused step reads the uint8 data itself.
         self.x = data.batch(torch.arange(len(data), device=dev)) if self._fused is None else None
         # a conditional model's labels (N,), resident: the step gathers them by the same index as x
         self.y = data.y if model.config.conditional else None
 
-    def _fused_step(self, data: DeviceData):
+    def _fused_step(self, data: DeviceData, plan):
         """Flat parameters and Adam state shared with the model and the optimizer, and the fused step."""
-        from fastvae.kernels.activations import ACT_CODES
         from fastvae.kernels.row_noise import key_words
-        from fastvae.kernels.vae import EngineStep, Plan
+        from fastvae.kernels.vae import EngineStep
         from fastvae.kernels.weight_grad import AdamBuffers
 
         model, dev, cfg = self.model, self.device, self.model.config
-        compute = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        plan = Plan(self.batch_size, cfg.flat_dim, tuple(cfg.hidden_dims), cfg.latent_dim,
-                    ACT_CODES[cfg.activation], compute, cfg.classes, cfg.k, cfg.objective == "iwae")  # fmt: skip
         params = [p for name, p in model.named_parameters() if name != "output_logvar"]
         assert [tuple(p.shape) for p in params] == plan.param_shapes()
         total = sum(p.numel() for p in params)
@@ -132,7 +135,7 @@ class TrainStep:
         beta1, beta2 = group["betas"]
         self.hyper.copy_(torch.tensor([float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]],
                                       dtype=torch.float64))  # fmt: skip
-        lowp = flat.to(compute) if compute != torch.float32 else None
+        lowp = flat.to(plan.dtype) if plan.dtype != torch.float32 else None
         src, views, o = (lowp if lowp is not None else flat), [], 0
         for p in params:
             views.append(src[o : o + p.numel()].view_as(p))
@@ -186,11 +189,11 @@ class TrainStep:
         ids = self.epoch_base + idx  # (B,) schedules.sample_ids: epoch * N + data index
         y = None if self.y is None else torch.index_select(self.y, 0, idx)  # (B,) labels, conditional only
         model, cfg = self.model, self.model.config
-        if isinstance(model, FusedVAE) and model.can_fuse(x, self.free_bits) is None:
+        if not isinstance(self.plan, str):  # the kernels under autograd
             if self.binarize:
                 x = binarize_rows(x, self.seed, TRAIN_BINARIZE_SALT, ids)
-            x = x.to(torch.bfloat16 if self.dtype == "bf16" else torch.float32)
-            loss = model.fused_terms(x, y=y, beta=self.beta)[0]  # eps drawn in-kernel
+            x = x.to(self.plan.dtype)
+            loss = model.fused_terms(x, self.plan, y=y, beta=self.beta).loss  # eps drawn in-kernel
         else:
             x, eps = step_noise(self.seed, ids, x, cfg.latent_dim, self.binarize, cfg.k)  # eps (B[, K], Z)
             ctx = (
@@ -224,12 +227,11 @@ class TrainStep:
         self.steps_run += 1
 
 
-def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData, free_bits: float) -> bool:
-    """Can the step run as the fused kernel sequence (EngineStep)? A FusedVAE (not an autoencoder) with a
-    Bernoulli likelihood and no free bits, plain Adam over exactly its parameters in one group, uint8 resident data."""
-    if not isinstance(model, FusedVAE) or model.config.likelihood != "bernoulli" or not data.scaled:
-        return False
-    if free_bits > 0 or model.config.is_ae:  # the fused step draws eps in-kernel; the AE has none
+def _engine_can_run(plan, model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData) -> bool:
+    """Can the step run as the fused kernel sequence (EngineStep)? The model's kernels can (``plan``, from
+    ``FusedVAE.plan_for(..., step=True)``), over uint8 resident data (with its labels when conditional), with
+    plain Adam over exactly its parameters in one group."""
+    if isinstance(plan, str) or not data.scaled or data.x.dtype != torch.uint8:
         return False
     if model.config.conditional and getattr(data, "y", None) is None:
         return False
@@ -239,7 +241,7 @@ def _fusable(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceDat
     if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
         return False
     mine = {id(p) for n, p in model.named_parameters() if n != "output_logvar"}
-    return {id(p) for p in g["params"]} == mine and data.x.dtype == torch.uint8
+    return {id(p) for p in g["params"]} == mine
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cuda_graph: bool) -> torch.optim.Optimizer:

@@ -15,15 +15,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastvae import objective as objectives
 from fastvae.data import DeviceData
 from fastvae.distributed import DistInfo
-from fastvae.model import Objective, ReferenceVAE, fixed_row_blocks
+from fastvae.model import fixed_row_blocks
 from fastvae.noise import binarize, row_normal
-
-# Salts that keep evaluation noise apart from training noise drawn with the same seed.
-EVAL_SALT = 1_000_003
-BINARIZE_SALT = 2_000_003
-IW_SALT = 3_000_017
+from fastvae.noise_keys import BINARIZE_SALT, EVAL_SALT, IW_SALT
+from fastvae.objective import Terms
 
 
 @dataclass
@@ -63,30 +61,26 @@ def _row_ids(start: int, stop: int, device: torch.device) -> Tensor:
 @torch.no_grad()
 def elbo_terms_by_row(
     model: torch.nn.Module, x: Tensor, rows: Tensor, seed: int, y: Tensor | None = None
-) -> Objective:
+) -> Terms:
     """For consecutive test rows ``rows`` (labels ``y`` for a conditional VAE) with their keyed eps:
     rec, KL and KL per dimension of one draw (the -ELBO, whatever the training objective), and as ``loss``
-    the training objective (:meth:`ReferenceVAE.objective`; with K samples per row, their K draws, the
-    first of which is the -ELBO's). The reference (plain PyTorch) path on every backend: it keeps the KL per
-    latent dimension, which the report needs. Computed in row blocks aligned to the rows' indices:
-    bit-identical in any batching."""
+    the figure the objective reports (``fastvae.objective``, at the config's beta, no free bits; with K
+    samples per row, their K draws, the first of which is the -ELBO's). The reference (plain PyTorch) path
+    on every backend: it keeps the KL per latent dimension, which the report needs. Computed in row blocks
+    aligned to the rows' indices: bit-identical in any batching."""
     cfg = model.config
-    z, k = cfg.latent_dim, cfg.k
-    multi = k > 1 or cfg.objective == "iwae"
+    obj, z, k = objectives.of(cfg), cfg.latent_dim, cfg.k
     eps = row_normal(seed, EVAL_SALT, rows, k * z).to(x.device)  # (B, K Z)
 
     def parts(xb: Tensor, eb: Tensor, *yb: Tensor) -> Tensor:  # (R, 3 + Z): rec, kl, loss, kl per dim
-        yb = yb[0] if yb else None
-        rec, kl = ReferenceVAE.elbo_terms(model, xb, eb[:, :z], yb)  # (R,), (R, Z)
-        if multi:
-            loss = ReferenceVAE.objective(model, xb, eb.view(len(xb), k, z), y=yb).loss
-        else:
-            loss = rec + cfg.beta * kl.sum(-1)  # objective() at free bits 0, as training's figure
-        return torch.cat([torch.stack([rec, kl.sum(-1), loss], -1), kl], -1)
+        d = objectives.draw(model, xb, eb.view(len(xb), k, z), yb[0] if yb else None, k, noise=obj.noise)
+        t = obj.from_draw(d, cfg.beta, 0.0)
+        kl = t.kl_per_dim  # closed form: the -ELBO's, whatever the objective
+        return torch.cat([torch.stack([d.rec[:, 0], kl.sum(-1), obj.report(t, cfg.beta)], -1), kl], -1)
 
     labels = () if y is None else (y,)
     p = fixed_row_blocks(parts, x.flatten(1), eps, *labels, offset=int(rows[0]) if len(rows) else 0)
-    return Objective(p[:, 2], p[:, 0], p[:, 1], p[:, 3:])
+    return Terms(p[:, 2], p[:, 0], p[:, 1], p[:, 3:])
 
 
 @torch.no_grad()

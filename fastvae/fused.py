@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from fastvae import objective as objectives
 from fastvae.config import VAEConfig
 from fastvae.errors import FastVAEError
-from fastvae.model import Objective, ReferenceVAE
+from fastvae.model import ReferenceVAE
+from fastvae.objective import Terms
+
+if TYPE_CHECKING:  # Triton is an optional extra: the kernels load when first used
+    from fastvae.kernels.vae import Plan
 
 _NOTICED: set[str] = set()
 
@@ -66,49 +72,63 @@ class FusedVAE(ReferenceVAE):
             self._beta_cache[key] = torch.tensor(value, dtype=torch.float32, device=device)
         return self._beta_cache[key]
 
+    def plan_for(
+        self,
+        batch: int,
+        dtype: torch.dtype,
+        *,
+        free_bits: float = 0.0,
+        grad_x: bool = False,
+        step: bool = False,
+    ) -> Plan | str:
+        """The one decision for the fused path: the kernels' ``Plan`` for a batch of ``batch`` rows computed
+        in ``dtype``, or why they cannot run it (a short reason). ``grad_x``: a gradient w.r.t. x is wanted;
+        ``step``: for the engine's whole fused step, which draws the latent noise in-kernel."""
+        cfg, obj = self.config, objectives.of(self.config)
+        if cfg.likelihood != "bernoulli":
+            return f"likelihood {cfg.likelihood!r}"
+        if obj.kernel_iw is None:
+            return f"objective {obj.name!r}"
+        if free_bits > 0:
+            return "free bits"
+        if grad_x:
+            return "a gradient w.r.t. x"
+        if step and not obj.noise:
+            return f"the {obj.figure} objective (the fused step draws latent noise in-kernel)"
+        if not triton_available():
+            raise RuntimeError("FusedVAE needs Triton: pip install 'fastvae-engine[triton]'")
+        from fastvae.kernels.vae import Plan
+
+        return Plan.of(cfg, batch, dtype)
+
     def fused_terms(
         self,
         x: Tensor,
+        plan: Plan,
         eps: Tensor | None = None,
         *,
         y: Tensor | None = None,
         beta: float | Tensor | None = None,
         row_offset: int = 0,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(per-sample objective (B,), KL (B,), -log p(x|z) (B,)) through the kernels, as in
-        :meth:`ReferenceVAE.objective` (labels ``y`` for a conditional model, ``config.k`` samples per row);
-        eps None draws it in-kernel. The autoencoder is the same forward with eps = 0 and beta = 0."""
-        from fastvae.kernels.vae import fused_negative_elbo
+    ) -> Terms:
+        """:meth:`ReferenceVAE.objective` through the kernels for ``plan`` (from :meth:`plan_for`), labels
+        ``y`` for a conditional model, ``config.k`` samples per row; eps None draws it in-kernel. The kernels
+        reduce the KL over latent dimensions, so ``kl_per_dim`` is None here."""
+        from fastvae.kernels.vae import fused_objective
 
         x = x.flatten(1)
         if not kernels_can_run(x.device):
             raise RuntimeError(f"FusedVAE needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {x.device}")
-        cfg = self.config
-        if cfg.is_ae:
-            eps, beta = torch.zeros(x.shape[0], cfg.latent_dim, device=x.device), 0.0
+        cfg, obj = self.config, objectives.of(self.config)
+        eps, beta = obj.kernel_inputs(eps, beta, x.shape[0], cfg.latent_dim, x.device)
         if cfg.conditional:
             self.onehot(y, x.shape[0])  # checks the labels (one line), as the reference does
         elif y is not None:
             raise FastVAEError("labels were given to an unconditional model")
         params = [p for name, p in self.named_parameters() if name != "output_logvar"]
         beta_t = self._beta(beta, x.device)
-        loss, kl, rec = fused_negative_elbo(
-            x, params, cfg.hidden_dims, cfg.latent_dim, cfg.activation, beta_t, self.rng_state, eps, row_offset,
-            labels=y, classes=cfg.classes, k=cfg.k, iw=cfg.objective == "iwae",
-        )  # fmt: skip
-        if cfg.is_ae:
-            return loss, torch.zeros_like(kl), loss
-        return loss, kl, (loss - beta_t * kl) if rec is None else rec
-
-    def can_fuse(self, x: Tensor, free_bits: float = 0.0) -> str | None:
-        """None when :meth:`objective` runs on the kernels for this input; else why it cannot."""
-        if self.config.likelihood != "bernoulli":
-            return f"likelihood {self.config.likelihood!r}"
-        if free_bits > 0:
-            return "free bits"
-        if x.requires_grad:
-            return "a gradient w.r.t. x"
-        return None
+        loss, kl, rec = fused_objective(x, params, plan, beta_t, self.rng_state, eps, row_offset, labels=y)
+        return obj.from_kernels(loss, kl, rec, beta_t)
 
     def objective(
         self,
@@ -118,13 +138,11 @@ class FusedVAE(ReferenceVAE):
         y: Tensor | None = None,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
-    ) -> Objective:
+    ) -> Terms:
         """:meth:`ReferenceVAE.objective` on the fused kernels (the reference path where they do not
-        cover the request, with a one-line notice); eps None draws it in-kernel. The kernels reduce the KL
-        over latent dimensions, so ``kl_per_dim`` is None here."""
-        why_not = self.can_fuse(x, free_bits)
-        if why_not:
-            _notice(why_not)
+        cover the request, with a one-line notice); eps None draws it in-kernel."""
+        plan = self.plan_for(x.shape[0], x.dtype, free_bits=free_bits, grad_x=x.requires_grad)
+        if isinstance(plan, str):
+            _notice(plan)
             return super().objective(x, eps, y=y, beta=beta, free_bits=free_bits)
-        loss, kl, rec = self.fused_terms(x, eps, y=y, beta=beta)  # (B,) each
-        return Objective(loss, rec, kl)
+        return self.fused_terms(x, plan, eps, y=y, beta=beta)

@@ -23,14 +23,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvae import objective as objectives
 from fastvae.config import VAEConfig
 from fastvae.errors import FastVAEError
+from fastvae.objective import Terms, iw_log_weights, iw_nll, kl_per_dim  # noqa: F401 (kl_per_dim: its old home)
 
 LOG_2PI = math.log(2.0 * math.pi)
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -40,23 +41,6 @@ IW_DRAWS = 512
 IW_GROUP = 8
 # Evaluation runs the networks on blocks of exactly this many rows (see fixed_row_blocks).
 FIXED_ROWS = 256
-
-
-@dataclass
-class Objective:
-    """One draw of the training objective for a batch; every field is per sample."""
-
-    loss: Tensor  # (B,) what training minimizes (its batch mean): rec + beta * KL, free bits applied
-    # (objective "iwae": the K-sample bound -log (1/K) sum_j exp(-rec_j - beta (log q_j - log p_j)))
-    rec: Tensor  # (B,) -log p(x|z) (the mean over the K samples)
-    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)) summed over latent dimensions (iwae: the K-sample mean of
-    # log q(z_j|x) - log p(z_j), the Monte Carlo KL whose sum with rec is the K-sample mean -ELBO)
-    kl_per_dim: Tensor | None = None  # (B, Z); None where a fused path reduces it in-kernel
-
-    @property
-    def neg_elbo(self) -> Tensor:
-        """(B,) the -ELBO itself (beta = 1, no free bits), whatever the objective's settings."""
-        return self.rec + self.kl
 
 
 class ReferenceVAE(nn.Module):
@@ -145,73 +129,22 @@ class ReferenceVAE(nn.Module):
         y: Tensor | None = None,
         beta: float | Tensor | None = None,
         free_bits: float = 0.0,
-    ) -> Objective:
-        """The training objective, per sample, with its parts: the one place the loss is written.
+    ) -> Terms:
+        """The training objective, per sample, with its parts: ``fastvae.objective.of(config)`` (ELBO(k),
+        IWAE(k) or Reconstruction), whose ``terms`` are the one place the loss is written.
 
         ``loss`` (B,) is -log p(x|z) + beta * KL(q(z|x) || N(0, I)) for one reparameterized draw (``eps``
         (B, Z), or (B, K, Z) for ``config.k`` = K samples; drawn when None); its batch mean is what training
         minimizes. ``y`` (B,): the labels of a conditional VAE. ``beta`` overrides ``config.beta`` (KL
         warm-up passes the scheduled value, possibly as a device tensor). With ``free_bits`` > 0 each
-        latent dimension's batch-mean KL is floored at that many nats (Kingma et al., 2016): a dimension
-        under the floor contributes the constant floor, so it gets no pressure towards the prior, and the
-        batch mean of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
+        latent dimension's batch-mean KL is floored at that many nats (Kingma et al., 2016): the batch mean
+        of ``loss`` equals rec.mean() + beta * sum_d max(KL_d, floor).
 
         With K > 1 samples, objective "elbo" averages rec over the samples (the KL is in closed form);
-        "iwae" gives -log (1/K) sum_j exp(log w_j) with log w_j = -rec_j - beta (log q(z_j|x) - log p(z_j)),
-        the importance-weighted bound at beta = 1 (beta < 1 weakens the prior term as KL warm-up does).
+        "iwae" gives -log (1/K) sum_j exp(log w_j) with log w_j = -rec_j - beta (log q(z_j|x) - log p(z_j)).
         """
-        cfg = self.config
-        if cfg.objective == "iwae" or cfg.k > 1:
-            return self._k_sample_objective(x, eps, y=y, beta=beta, free_bits=free_bits)
-        if eps is not None and eps.dim() == 3:  # (B, 1, Z): the K-sample form with K = 1
-            eps = eps.squeeze(1)
-        rec, kl = self.elbo_terms(x, eps, y)  # (B,), (B, Z)
-        if cfg.is_ae:  # no KL term: nothing to weight or floor
-            return Objective(rec, rec, kl.sum(-1), kl)
-        beta = cfg.beta if beta is None else beta
-        charged = kl
-        if free_bits > 0:
-            above = kl.detach().mean(0) >= free_bits  # (Z,): the dimensions the floor does not hold
-            charged = torch.where(above, kl, torch.full_like(kl, free_bits))
-        return Objective(rec + beta * charged.sum(-1), rec, kl.sum(-1), kl)
-
-    def _k_sample_objective(
-        self,
-        x: Tensor,
-        eps: Tensor | None,
-        *,
-        y: Tensor | None,
-        beta: float | Tensor | None,
-        free_bits: float,
-    ) -> Objective:
-        """:meth:`objective` with K = config.k latent samples per row (objective "elbo" or "iwae")."""
-        cfg, x = self.config, x.flatten(1)
-        b, k, z_dim = x.shape[0], cfg.k, cfg.latent_dim
-        beta = cfg.beta if beta is None else beta
-        mu, logvar = self.encode(x, y)  # (B, Z) each
-        if eps is None:
-            eps = torch.randn(b, k, z_dim, dtype=mu.dtype, device=mu.device)
-        if eps.dim() == 2 and k == 1:
-            eps = eps[:, None]
-        if eps.shape != (b, k, z_dim):
-            raise FastVAEError(f"eps must be (B, K, Z) = {(b, k, z_dim)}, got {tuple(eps.shape)}")
-        z = self.reparameterize(mu[:, None], logvar[:, None], eps)  # (B, K, Z)
-        y_rows = None if y is None else y.repeat_interleave(k)
-        out = self.decode(z.reshape(b * k, z_dim), y_rows)  # (B K, D)
-        rec = self.reconstruction_nll(x.repeat_interleave(k, 0), out).view(b, k)  # (B, K)
-        kl = kl_per_dim(mu, logvar)  # (B, Z)
-        if cfg.objective == "elbo":
-            charged = kl
-            if free_bits > 0:
-                above = kl.detach().mean(0) >= free_bits
-                charged = torch.where(above, kl, torch.full_like(kl, free_bits))
-            return Objective(rec.mean(1) + beta * charged.sum(-1), rec.mean(1), kl.sum(-1), kl)
-        if free_bits > 0:
-            raise FastVAEError("free bits apply to the ELBO's closed-form KL, not to the IWAE objective")
-        # log q(z_j|x) - log p(z_j): the 2 pi terms cancel
-        log_ratio = 0.5 * (z.pow(2) - eps.pow(2) - logvar[:, None]).sum(-1)  # (B, K)
-        loss = iw_nll(-rec - beta * log_ratio)
-        return Objective(loss, rec.mean(1), log_ratio.mean(1), kl)
+        beta = self.config.beta if beta is None else beta
+        return objectives.of(self.config).terms(self, x, eps, y=y, beta=beta, free_bits=free_bits)
 
     def negative_elbo(
         self, x: Tensor, eps: Tensor | None = None, *, y: Tensor | None = None, beta: float | None = None
@@ -233,8 +166,7 @@ class ReferenceVAE(nn.Module):
         config.beta * KL (B,), detached, the figure the trainer reports; for the IWAE objective the bound
         itself)."""
         o = self.objective(x, eps, y=y, beta=beta, free_bits=free_bits)
-        report = o.loss if self.config.objective == "iwae" else o.rec + self.config.beta * o.kl
-        return o.loss.mean(), report.detach()
+        return o.loss.mean(), objectives.of(self.config).report(o, self.config.beta).detach()
 
     # ---- pieces ----------------------------------------------------------------------------------
     def elbo_terms(
@@ -242,14 +174,8 @@ class ReferenceVAE(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(-log p(x|z) (B,), KL per latent dimension (B, Z)) for one reparameterized draw; for the
         autoencoder, -log p(x|mu(x)) and zeros (``eps`` is ignored)."""
-        x = x.flatten(1)
-        mu, logvar = self.encode(x, y)
-        if self.config.is_ae:
-            return self.reconstruction_nll(x, self.decode(mu, y)), torch.zeros_like(mu)
-        if eps is None:
-            eps = torch.randn_like(mu)
-        z = self.reparameterize(mu, logvar, eps)
-        return self.reconstruction_nll(x, self.decode(z, y)), kl_per_dim(mu, logvar)
+        t = objectives.single_draw(self.config).terms(self, x, eps, y=y)
+        return t.rec, t.kl_per_dim
 
     def reconstruction_nll(self, x: Tensor, out: Tensor) -> Tensor:
         """-log p(x|z) summed over features, (B,), from the decoder's output ``out`` (B, D)."""
@@ -343,20 +269,6 @@ class ReferenceVAE(nn.Module):
         return iw_nll(log_w).to(mu.dtype)
 
 
-def iw_log_weights(log_lik: Tensor, z: Tensor, eps: Tensor, logvar: Tensor) -> Tensor:
-    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for draws z_i = mu + exp(logvar / 2) * eps_i: ``log_lik``
-    (B, K), ``z`` and ``eps`` (B, K, Z), ``logvar`` (B, 1, Z). The importance weights of
-    :meth:`ReferenceVAE.importance_weighted_bound` and of the exported scorer."""
-    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (B, K)
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-    return log_lik + log_prior - log_q
-
-
-def iw_nll(log_w: Tensor) -> Tensor:
-    """-log (1/K) sum_i w_i from log-weights (B, K): the K-sample importance-weighted NLL, (B,)."""
-    return -(torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1]))
-
-
 def fixed_row_blocks(
     fn: Callable[..., Tensor], *tensors: Tensor, rows: int = FIXED_ROWS, offset: int = 0
 ) -> Tensor:
@@ -376,8 +288,3 @@ def fixed_row_blocks(
         ]  # zero rows before (alignment) and after (the tail)
         out.append(fn(*block)[lo - start : hi - start])
     return torch.cat(out) if out else fn(*tensors)
-
-
-def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) for each latent dimension, (B, Z), in closed form."""
-    return -0.5 * (1.0 + logvar - mu.pow(2) - torch.exp(logvar))

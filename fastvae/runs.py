@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fastvae import checkpoint as ckpt
+from fastvae._version import __version__
 from fastvae.backends import make_model
 from fastvae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_state_into, load_tensors, read_json
 from fastvae.config import TrainConfig, VAEConfig, describe_data
@@ -89,9 +90,8 @@ def save_model(model: torch.nn.Module, run_dir: str | os.PathLike, *, overwrite:
     if (run_dir / CONFIG_FILE).exists() and not overwrite:
         raise FastVAEError(f"{run_dir}: already holds a run; pass overwrite=True to replace it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    import fastvae
 
-    doc = {"model": config.to_dict(), "fastvae_version": fastvae.__version__, "saved_by": "save_model"}
+    doc = {"model": config.to_dict(), "fastvae_version": __version__, "saved_by": "save_model"}
     ckpt.write_weights(run_dir, model, doc)
     return run_dir
 

@@ -11,11 +11,7 @@ import torch
 
 from fastvae.config import TrainConfig
 from fastvae.noise import binarize, keyed_generator, row_normal
-
-SHUFFLE_SALT = 7_000_003
-# Apart from evaluation's salts, so training and test noise of one seed are unrelated.
-TRAIN_BINARIZE_SALT = 4_000_037
-TRAIN_EPS_SALT = 5_000_011
+from fastvae.noise_keys import SHUFFLE_SALT, TRAIN_BINARIZE_SALT, TRAIN_EPS_SALT
 
 
 def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-import fastvae
 from fastvae import checkpoint as ckpt
+from fastvae import objective as objectives
+from fastvae._version import __version__
 from fastvae.backends import make_model, resolve_backend, set_threads
 from fastvae.config import TrainConfig, VAEConfig
 from fastvae.data import DeviceData, label_classes, load_dataset
@@ -108,8 +109,9 @@ def _figure_line(model_cfg, stats) -> str:
 def _model_kind(m) -> str:
     """What the start line adds about the objective and the labels (nothing for the plain VAE)."""
     parts = [f"{m.classes} labels"] if m.conditional else []
-    if m.objective == "iwae" or m.k > 1:
-        parts.append(f"{m.objective} k={m.k}")
+    objective = objectives.of(m)
+    if objective.multi:
+        parts.append(objective.label)
     return "".join(f", {p}" for p in parts)
 
 
@@ -290,7 +292,7 @@ class _Run:
         self.doc = {
             "model": self.model_cfg.to_dict(),
             "train": cfg.to_dict(),
-            "fastvae_version": fastvae.__version__,
+            "fastvae_version": __version__,
             "data_blake2b": data_digest(data, self.model_cfg.conditional),  # checked on --resume
         }
         if data.classes:  # a folder's class names: label i is classes[i] (``--label NAME``)
@@ -523,7 +525,7 @@ class _Run:
                 "epoch_steps": self.epoch_steps,
                 "epoch": self.step // self.steps_per_epoch,
                 "torch_rng": torch.get_rng_state().tolist(),
-                "fastvae_version": fastvae.__version__,
+                "fastvae_version": __version__,
                 "config": self.doc,
             }
             state["metrics_lines"], state["metrics_sha256"] = metrics_record(self.run_dir)

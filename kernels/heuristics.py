@@ -1,4 +1,5 @@
-"""Launch settings for every fastvae kernel, in one place, and the one launch helper.
+"""Launch settings for every fastvae kernel, in one place, and the one launch helper: every tiling rule
+lives here (``kernels/vae.py``'s ``Plan`` only names its inputs to them).
 
 Fixed heuristics rather than ``triton.autotune``: autotuning reruns a kernel on live buffers, which
 corrupts kernels that update state in place (the RNG counter, the Adam moments, the step cursor), and its
@@ -190,3 +191,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# ---- the fused VAE step's per-kernel variations (kernels/vae.py's Plan asks these) ---------------------------
+def weighted_tiles(tiles: Tiles, multi: bool) -> Tiles:
+    """The output layer's input gradient with K-sample row weights (it also loads the weights and stores
+    the combined row scale): at most 32 rows (iwae-k5 B = 1024 fp32, 64-row blocks: 80 registers and
+    8 spilled bytes; 32 rows: none. Report, sm_90, compiled, not timed)."""
+    if multi and tiles.rows > 32:
+        return Tiles(32, tiles.cols, tiles.red, tiles.warps)
+    return tiles
+
+
+def latent_tiles(t: Tiles, zp: int, small_k: bool = False) -> Tiles:
+    """Tiles ``t`` of a kernel that also carries latent-width work (``zp``: the padded latent width): the same
+    feature tiles (the partial counts must match), fewer rows where the report showed spills (sm_90, compiled,
+    not timed).
+
+    Head / dz partials next to a large GEMM: half the rows when Z pads to 64 or more (iwae, Z = 50 -> 64,
+    B = 16384 fp32: 64-row blocks used 255 registers and spilled 230-1,550 bytes; 32 rows: none).
+    ``small_k`` (the latent prologue + first decoder layer, the latent backward: reductions over ZP only,
+    so no weight reuse to protect): at most 32 rows (paper, B = 16384 fp32: 64 rows spilled 16 bytes at
+    80 registers; 32 rows: 64 registers, 4 CTAs/SM, no spill)."""
+    if t.rows >= 32 and (zp >= 64 or (small_k and t.rows > 32)):
+        return Tiles(t.rows // 2, t.cols, t.red, t.warps)
+    return t

@@ -136,7 +136,7 @@ def _record_engine(cfg, model_cfg) -> tuple:
 def _record_module(plan, batch: int, caller_eps: bool) -> list:
     """The launches of FusedVAE's autograd path (forward + backward), the caller's eps when ``caller_eps``."""
     from fastvae.kernels.heuristics import recording
-    from fastvae.kernels.vae import FusedNegativeElbo
+    from fastvae.kernels.vae import FusedObjective
 
     dev = torch.device("meta")
     f32 = dict(dtype=torch.float32, device=dev)
@@ -147,7 +147,7 @@ def _record_module(plan, batch: int, caller_eps: bool) -> list:
     labels = torch.empty(batch, dtype=torch.int32, device=dev) if plan.classes else None
     rng, beta = torch.empty(2, dtype=torch.int64, device=dev), torch.empty((), **f32)
     with recording() as launches:
-        loss = FusedNegativeElbo.apply(x, eps, labels, rng, beta, plan, 0, *ps)[0]
+        loss = FusedObjective.apply(x, eps, labels, rng, beta, plan, 0, *ps)[0]
         loss.backward(torch.empty(batch, **f32))
     return launches
 
@@ -161,7 +161,6 @@ def record_step(
     ``engine``: the step the trainer replays, built by the trainer's own code from the preset's TrainConfig
     (its binarization, objective, K and labels, the dtype's matmul precision); ``module``: FusedVAE under
     autograd (the caller's eps when ``caller_eps``). ``classes`` > 0: the preset as a conditional VAE."""
-    from fastvae.kernels.activations import ACT_CODES
     from fastvae.kernels.vae import Plan
 
     cfg = train_config(preset_name, batch, dtype, classes > 0)
@@ -170,8 +169,7 @@ def record_step(
         if path == "engine":
             return _record_engine(cfg, model_cfg)
         dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-        plan = Plan(batch, model_cfg.flat_dim, tuple(model_cfg.hidden_dims), model_cfg.latent_dim,
-                    ACT_CODES[model_cfg.activation], dt, classes, model_cfg.k, model_cfg.objective == "iwae")  # fmt: skip
+        plan = Plan.of(model_cfg, batch, dt)
         return plan, _record_module(plan, batch, caller_eps)
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from fastvae import objective as objectives
+from fastvae.config import VAEConfig
 from fastvae.kernels.activations import ACT_CODES
 from fastvae.kernels.bernoulli_output import bernoulli_output_forward, finalize_loss
 from fastvae.kernels.heuristics import (
@@ -43,7 +45,9 @@ from fastvae.kernels.heuristics import (
     dot_precision,
     gather_tiles,
     latent_pad,
+    latent_tiles,
     layer_tiles,
+    weighted_tiles,
     wgrad_tiles,
 )
 from fastvae.kernels.latent import latent_backward
@@ -72,6 +76,16 @@ class Plan:
     k: int = 1  # latent samples per row
     iw: bool = False  # the importance-weighted objective
 
+    @classmethod
+    def of(cls, config: VAEConfig, batch: int, dtype: torch.dtype = torch.float32) -> Plan:
+        """The plan of ``config``'s model for ``batch`` rows computed in ``dtype``: its objective's samples
+        and kernel flag (``fastvae.objective``). ``FusedVAE.plan_for`` decides whether the kernels run it."""
+        obj = objectives.of(config)
+        if obj.kernel_iw is None:
+            raise ValueError(f"the fused kernels do not cover the {obj.name!r} objective")
+        return cls(batch, config.flat_dim, tuple(config.hidden_dims), config.latent_dim, ACT_CODES[config.activation],
+                   dtype, config.classes, obj.k, obj.kernel_iw)  # fmt: skip
+
     @property
     def dec(self) -> tuple[int, ...]:
         return tuple(reversed(self.enc))
@@ -90,31 +104,18 @@ class Plan:
     def zp(self) -> int:
         return latent_pad(self.z)
 
+    # The tiling rules live in heuristics.py (their one place); these name the plan's inputs to them.
     def tiles(self, width: int, decoder: bool = False) -> Tiles:
         """Tiles of a layer of ``width`` features over the encoder's B rows or the decoder's B K rows."""
         return layer_tiles(self.rows if decoder else self.batch, width, self.dtype)
 
     def weighted_tiles(self, width: int, tiles: Tiles) -> Tiles:
-        """The output layer's input gradient with K-sample row weights (it also loads the weights and stores
-        the combined row scale): at most 32 rows (iwae-k5 B = 1024 fp32, 64-row blocks: 80 registers and
-        8 spilled bytes; 32 rows: none. Report, sm_90, compiled, not timed)."""
-        if self.multi and tiles.rows > 32:
-            return Tiles(32, tiles.cols, tiles.red, tiles.warps)
-        return tiles
+        """The output layer's input gradient with K-sample row weights (``heuristics.weighted_tiles``)."""
+        return weighted_tiles(tiles, self.multi)
 
     def latent_tiles(self, width: int, small_k: bool = False, decoder: bool = False) -> Tiles:
-        """Tiles of the kernels that also carry latent-width work: the same feature tiles (the partial counts
-        must match), fewer rows where the report showed spills (sm_90, compiled, not timed).
-
-        Head / dz partials next to a large GEMM: half the rows when Z pads to 64 or more (iwae, Z = 50 -> 64,
-        B = 16384 fp32: 64-row blocks used 255 registers and spilled 230-1,550 bytes; 32 rows: none).
-        ``small_k`` (the latent prologue + first decoder layer, the latent backward: reductions over ZP only,
-        so no weight reuse to protect): at most 32 rows (paper, B = 16384 fp32: 64 rows spilled 16 bytes at
-        80 registers; 32 rows: 64 registers, 4 CTAs/SM, no spill)."""
-        t = self.tiles(width, decoder)
-        if t.rows >= 32 and (self.zp >= 64 or (small_k and t.rows > 32)):
-            return Tiles(t.rows // 2, t.cols, t.red, t.warps)
-        return t
+        """Tiles of the kernels that also carry latent-width work (``heuristics.latent_tiles``)."""
+        return latent_tiles(self.tiles(width, decoder), self.zp, small_k)
 
     def layout(self) -> dict[str, int]:
         """Element offsets of each (rows, width) activation and gradient in the workspace, and its size: B
@@ -347,7 +348,7 @@ def run_backward(
     )  # fmt: skip
 
 
-class FusedNegativeElbo(torch.autograd.Function):
+class FusedObjective(torch.autograd.Function):
     """(x (B, D), eps (B K, Z) or None, labels (B,) int32 or None, rng_state, beta, plan, row_offset, *params)
     -> (loss (B,), kl (B,), rec (B,) for K samples per row)."""
 
@@ -388,44 +389,43 @@ class FusedNegativeElbo(torch.autograd.Function):
         return (None,) * 7 + tuple(grads)
 
 
-def fused_negative_elbo(
+def fused_objective(
     x: torch.Tensor,
     params: list[torch.Tensor],
-    hidden_dims: tuple[int, ...],
-    latent_dim: int,
-    activation: str,
+    plan: Plan,
     beta: torch.Tensor,
     rng_state: torch.Tensor,
     eps: torch.Tensor | None = None,
     row_offset: int = 0,
     *,
     labels: torch.Tensor | None = None,
-    classes: int = 0,
-    k: int = 1,
-    iw: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-sample objective (B,), KL (B,) and, for K samples per row, the mean -log p(x|z_j) (B,) (else
-    None: rec = loss - beta KL) of a Bernoulli MLP VAE through the fused kernels.
+    """Per-sample objective (B,) (the ELBO, or the IWAE bound for ``plan.iw``), KL (B,) and, for K samples
+    per row, the mean -log p(x|z_j) (B,) (else None: rec = loss - beta KL) of a Bernoulli MLP VAE through the
+    fused kernels, for ``plan`` (``Plan.of``, or ``FusedVAE.plan_for``).
 
-    ``x`` (B, D) contiguous fp32 or bf16 (the compute dtype); ``params`` fp32 in ReferenceVAE order (the
-    label weights last for ``classes`` > 0, with ``labels`` (B,) in 0..classes-1); ``beta`` a 0-d fp32
-    device tensor; ``rng_state`` int64 [seed, counter] on the device, used and advanced when ``eps`` is None
-    (else eps is (B, Z), or (B, K, Z) for ``k`` samples); ``row_offset`` is this process's first global row
-    (DDP); ``iw``: the importance-weighted bound instead of the mean ELBO (KL is then the mean log q - log p).
+    ``x`` (B, D) contiguous in the plan's compute dtype; ``params`` fp32 in ReferenceVAE order (the label
+    weights last for ``plan.classes`` > 0, with ``labels`` (B,) in 0..classes-1); ``beta`` a 0-d fp32 device
+    tensor; ``rng_state`` int64 [seed, counter] on the device, used and advanced when ``eps`` is None (else
+    eps is (B, Z), or (B, K, Z) for K samples); ``row_offset`` is this process's first global row (DDP); for
+    ``plan.iw`` the KL is the mean log q - log p.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be (B, D), got shape {tuple(x.shape)}")
     if x.requires_grad:
         # d(-ELBO)/dx has a direct term -logits (x is the BCE target) and the kernels do not keep logits.
         raise NotImplementedError("the fused kernels give no gradient w.r.t. x; use ReferenceVAE for that")
-    b = x.shape[0]
-    plan = Plan(b, x.shape[1], tuple(hidden_dims), latent_dim, ACT_CODES[activation], x.dtype, classes, k, iw)
+    b, k, latent_dim = x.shape[0], plan.k, plan.z
+    if (b, x.shape[1], x.dtype) != (plan.batch, plan.d, plan.dtype):
+        raise ValueError(
+            f"x must be {(plan.batch, plan.d)} {plan.dtype} for this plan, got {tuple(x.shape)} {x.dtype}"
+        )
     if eps is not None:
         if eps.shape not in ((b, k, latent_dim), (b * k, latent_dim)) or (eps.dim() == 2 and k > 1):
             want = (b, latent_dim) if k == 1 else (b, k, latent_dim)
             raise ValueError(f"eps must be {want}, got {tuple(eps.shape)}")
         eps = eps.reshape(b * k, latent_dim).to(torch.float32).contiguous()
-    if (labels is None) != (classes == 0):
+    if (labels is None) != (plan.classes == 0):
         raise ValueError("labels go with classes > 0 (a conditional VAE), and only then")
     if labels is not None:
         if labels.shape != (b,):
@@ -433,7 +433,7 @@ def fused_negative_elbo(
         labels = labels.to(torch.int32)
     if plan.layout()["size"] >= 2**31:
         raise ValueError("batch too large for 32-bit workspace offsets; split it")
-    out = FusedNegativeElbo.apply(x.contiguous(), eps, labels, rng_state, beta, plan, row_offset, *params)
+    out = FusedObjective.apply(x.contiguous(), eps, labels, rng_state, beta, plan, row_offset, *params)
     return (out[0], out[1], out[2]) if plan.multi else (out[0], out[1], None)
 
 

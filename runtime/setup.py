@@ -12,7 +12,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # repository folder -> (package folder in _src, modules)
 MODULES = {
-    "fastvae": ("fastvae", ("__init__.py", "errors.py", "atomic.py", "images.py", "inputs.py", "limits.py")),
+    "fastvae": (
+        "fastvae",
+        ("__init__.py", "_version.py", "errors.py", "atomic.py", "images.py", "inputs.py", "limits.py",
+         "noise_keys.py"),
+    ),
     "export": (
         "fastvae/export",
         ("__init__.py", "runtime.py", "sample.py", "encode.py", "score.py", "keyed_noise.py"),
