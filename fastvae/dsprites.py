@@ -244,14 +244,6 @@ def load_factor_data(name: str) -> FactorData:
     return FactorData(xtr, xte, ytr, yte, ftr, fte, g)
 
 
-def as_dataset(name: str):
-    """The named grid as a :class:`fastvae.data.Dataset` (labels: the shape class)."""
-    from fastvae.data import Dataset
-
-    d = load_factor_data(name)
-    return Dataset(name, d.x_train, d.x_test, d.y_train, d.y_test)
-
-
 def write_npz(path: str | os.PathLike, name: str = "dsprites") -> Path:
     """The grid as an ``.npz`` with the original's keys: ``imgs`` (N, 64, 64) uint8 0/1,
     ``latents_classes`` and ``latents_values`` (N, 6: colour, shape, scale, orientation, posX, posY) and
