@@ -1,4 +1,4 @@
-"""Where fastvae caches what it can rebuild (the quality judge's classifier): torch-free, so ``--help``
+"""Where fastvae caches what it can rebuild (the quality judge's classifier, the dSprites grids): torch-free, so ``--help``
 can print the folder without importing torch."""
 
 from __future__ import annotations

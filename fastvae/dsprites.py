@@ -160,7 +160,7 @@ def _render_chunk(c: np.ndarray) -> np.ndarray:
 
 
 def _cache_path(g: Grid) -> Path:
-    from fastvae.quality import cache_dir
+    from fastvae.cache import cache_dir
 
     return cache_dir() / f"dsprites-v{RENDER_VERSION}-{g.name}.npy"
 
