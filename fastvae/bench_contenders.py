@@ -135,8 +135,6 @@ def make_contender(
     if name == "fastvae":
         return _fastvae(cfg, data, batch, dtype) if x.device.type == "cuda" else _fastvae_cpu(cfg, data, batch)
     if name == "examples-loop":
-        from fastvae.bench_examples import examples_step_contender
-
         return examples_step_contender(cfg, data, batch, dtype)
     opt_kind = {"eager": "fused", "eager+graph": "fused-capturable", "compile": "foreach"}[name]
     ws = WholeStep(cfg, x, batch, dtype, opt_kind)
@@ -276,3 +274,37 @@ def _fastvae_cpu(cfg: VAEConfig, data: DeviceData, batch: int) -> Contender:
                      "no DataLoader, reference model, fused Adam"}  # fmt: skip
     return Contender("fastvae", step, lambda: stepper.read_loss(state["step"]), steps, "Adam (fused)",
                      notes=notes, model=run.model)  # fmt: skip
+
+
+def examples_step_contender(cfg, data, batch: int, dtype: str):
+    """The examples loop (``fastvae.bench_examples``) as a step contender: each step the next
+    DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the device,
+    forward, backward, ``loss.item()``, Adam."""
+    from fastvae.bench_examples import ExamplesMNIST, ExamplesVAE, _train_batch, examples_applies
+
+    if not examples_applies(cfg, dtype):
+        raise ValueError("the examples loop runs the pytorch-example network in fp32 only")
+    device = data.x.device
+    torch.manual_seed(1)
+    loader = torch.utils.data.DataLoader(
+        ExamplesMNIST(data.x.cpu().numpy()), batch_size=batch, shuffle=True,
+        **({"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}),
+    )  # fmt: skip
+    model = ExamplesVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {"it": iter(loader), "loss": 0.0}
+
+    def step() -> None:
+        try:
+            data_b, _ = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            data_b, _ = next(state["it"])
+        state["loss"] += _train_batch(model, optimizer, data_b.to(device))
+
+    def read_loss() -> float:
+        value, state["loss"] = state["loss"], 0.0
+        return value
+
+    return Contender("examples-loop", step, read_loss, len(loader), "Adam (PyTorch's default)",
+                     notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip

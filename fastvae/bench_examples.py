@@ -117,40 +117,6 @@ def examples_applies(cfg, dtype: str) -> bool:
             and not cfg.conditional and cfg.k == 1 and cfg.beta == 1)  # fmt: skip
 
 
-def examples_step_contender(cfg, data, batch: int, dtype: str):
-    """The examples loop as a step contender (``fastvae.bench_contenders.Contender``): each step the next
-    DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the device,
-    forward, backward, ``loss.item()``, Adam."""
-    from fastvae.bench_contenders import Contender
-
-    if not examples_applies(cfg, dtype):
-        raise ValueError("the examples loop runs the pytorch-example network in fp32 only")
-    device = data.x.device
-    torch.manual_seed(1)
-    loader = torch.utils.data.DataLoader(
-        ExamplesMNIST(data.x.cpu().numpy()), batch_size=batch, shuffle=True,
-        **({"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}),
-    )  # fmt: skip
-    model = ExamplesVAE().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = {"it": iter(loader), "loss": 0.0}
-
-    def step() -> None:
-        try:
-            data_b, _ = next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            data_b, _ = next(state["it"])
-        state["loss"] += _train_batch(model, optimizer, data_b.to(device))
-
-    def read_loss() -> float:
-        value, state["loss"] = state["loss"], 0.0
-        return value
-
-    return Contender("examples-loop", step, read_loss, len(loader), "Adam (PyTorch's default)",
-                     notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip
-
-
 def _train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> float:
     optimizer.zero_grad()
     recon_batch, mu, logvar = model(data)
