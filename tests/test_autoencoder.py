@@ -104,6 +104,7 @@ def assert_same_weights(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", [False, True], ids=["eager", "engine"])
 def test_ae_training_follows_the_reference_and_lowers_its_loss(tmp_path, tiny_npz, engine):
     run = train(data=str(tiny_npz), out=str(tmp_path / "run"), engine=engine, **COMMON)
@@ -116,6 +117,7 @@ def test_ae_training_follows_the_reference_and_lowers_its_loss(tmp_path, tiny_np
     assert run.metrics[-1]["test_kl"] == 0 and run.metrics[-1]["test_neg_elbo"] == pytest.approx(after)
 
 
+@pytest.mark.slow
 def test_ae_resume_and_ddp_match_one_uninterrupted_process(tmp_path, tiny_npz):
     want = reference_ae_loop(tiny_npz)
     out = tmp_path / "resumed"
@@ -146,6 +148,7 @@ def test_ae_options_without_a_kl_term_are_refused():
     )
 
 
+@pytest.mark.slow
 def test_fused_ae_on_the_engine_follows_the_reference(tmp_path, tiny_npz):
     """The fused engine step draws eps in-kernel; an AE must take the eps = 0 path instead."""
     run = train(data=str(tiny_npz), out=str(tmp_path / "run"), engine=True, **{**COMMON, "backend": "triton"})

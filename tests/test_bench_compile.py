@@ -14,6 +14,7 @@ from fastvae.data import DeviceData
 CFG = VAEConfig(input_dim=(1, 28, 28), hidden_dims=(32,), latent_dim=8)
 
 
+@pytest.mark.slow
 def test_compile_cells_never_fall_back_across_batches_and_dtypes_in_one_process():
     """The old harness compiled one function for every cell: guards failed on batch and dtype, and from
     about the 12th cell dynamo's recompile limit made every "compile" cell run eager. Now dynamo is reset

@@ -56,6 +56,7 @@ def run_dir(tmp_path_factory, tiny_npz):
     return out
 
 
+@pytest.mark.slow
 def test_eval_json_and_sample(run_dir, tmp_path):
     proc = fastvae("eval", run_dir, "--iw", 20, "--limit", 30, "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
@@ -94,6 +95,7 @@ def test_bad_data_values(tmp_path):
     assert_clean_error(fastvae("train", "--data", p, "--device", "cpu", "--out", tmp_path / "r"), "[0, 1]")
 
 
+@pytest.mark.slow
 def test_existing_run_and_missing_output_folder(run_dir, tmp_path, tiny_npz):
     proc = fastvae("train", "--data", tiny_npz, "--out", run_dir, "--device", "cpu")
     assert_clean_error(proc, "already holds a run")
@@ -101,6 +103,7 @@ def test_existing_run_and_missing_output_folder(run_dir, tmp_path, tiny_npz):
     assert_clean_error(proc, "does not exist")
 
 
+@pytest.mark.slow
 def test_tampered_weights_are_refused(run_dir, tmp_path):
     import shutil
 

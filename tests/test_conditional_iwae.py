@@ -195,6 +195,7 @@ def cli_run(tmp_path_factory, labelled_npz):
     return out
 
 
+@pytest.mark.slow
 def test_cli_label_commands(cli_run, tmp_path):
     rc, out, err = _cli("sample", cli_run, "-n", 6, "--label", 2, "--out", tmp_path / "s.png")
     assert rc == 0 and "of label 2" in out, err
@@ -229,6 +230,7 @@ def test_cli_bad_input_gives_one_line(cli_run, tiny_npz, labelled_npz, tmp_path,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_label_on_an_unconditional_run_is_refused(tmp_path, tiny_npz):
     out = tmp_path / "plain"
     rc, _, err = _cli("train", "--data", tiny_npz, "--hidden-dims", "8", "--latent-dim", "2", "--max-steps", "2",
@@ -356,6 +358,7 @@ def test_engine_step_with_labels_and_k_samples_equals_a_plain_loop(changes):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_conditional_iwae(tmp_path, labelled_npz):
     """2 ranks x 16 rows against 1 process x 32 rows: the labels and the K samples of a row follow it to
     whichever rank trains it (reference backend, gloo)."""

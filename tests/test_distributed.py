@@ -57,6 +57,7 @@ def two_ranks(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(single, two_ranks):
     """2 ranks x 32 rows against 1 process x 64 rows, 50 steps: noise keyed by the global sample index."""
     a, b = params(single), params(two_ranks)
@@ -67,6 +68,7 @@ def test_two_ranks_equal_one_process(single, two_ranks):
     assert (two_ranks / "samples.png").exists() and (two_ranks / "metrics.jsonl").read_text().count("\n") == 1
 
 
+@pytest.mark.slow
 def test_killed_rank_is_restarted_and_resumes(tmp_path, two_ranks):
     out = tmp_path / "run"
     env = {**ENV, "FASTVAE_CHECKPOINT_PAUSE": "0.3"}
@@ -90,6 +92,7 @@ def test_killed_rank_is_restarted_and_resumes(tmp_path, two_ranks):
         assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
 
 
+@pytest.mark.slow
 def test_dead_rank_fails_the_job_fast(tmp_path):
     out = tmp_path / "run"
     env = {**ENV, "FASTVAE_CHECKPOINT_PAUSE": "2"}
@@ -112,6 +115,7 @@ def test_dead_rank_fails_the_job_fast(tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["--conditional", "--objective", "iwae", "--k", "3"]],
                          ids=["vae", "conditional-iwae-k3"])  # fmt: skip
+@pytest.mark.slow
 def test_fused_backend_under_ddp_matches_the_reference(tmp_path, extra):
     """FusedVAE's custom autograd under DDP: its gradients reach DDP's buckets (kernels interpreted on
     the CPU here; on GPUs the same path runs on CUDA); also for a conditional VAE on the IWAE objective

@@ -86,6 +86,7 @@ def test_step_flops_by_hand():
     assert step_flops(preset("pytorch-example"), 128) == 2 * 128 * (3 * macs - 784 * 400)
 
 
+@pytest.mark.slow
 def test_bench_cli_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -136,6 +137,7 @@ def _fused_engine(cfg, batch=32, seed=0, lr=1e-2, binarize=False, **adam):
     return model, opt, eng
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, CFG2], ids=["1-layer", "2-layers"])
 def test_fused_engine_step_equals_the_eager_fused_path_with_torch_adam(cfg):
     """Same order, same in-kernel noise (keyed by the same counter), same init: the engine's fused step
@@ -167,6 +169,7 @@ def test_fused_engine_step_equals_the_eager_fused_path_with_torch_adam(cfg):
         torch.testing.assert_close(st[i]["exp_avg"], twin_st[i]["exp_avg"], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_fused_engine_adam_update_equals_float64_reference():
     """One engine step against float64: the same x and eps through ReferenceVAE in float64, then
     torch.optim.Adam in float64; the parameter update (p_after - p_before) of every tensor."""
@@ -191,6 +194,7 @@ def test_fused_engine_adam_update_equals_float64_reference():
         assert ((delta - ref_delta).norm() / ref_delta.norm()).item() < 1e-4, name
 
 
+@pytest.mark.slow
 def test_fused_engine_is_bit_identical_across_runs():
     runs = []
     for _ in range(2):
@@ -203,6 +207,7 @@ def test_fused_engine_is_bit_identical_across_runs():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_fused_engine_binarizes_in_kernel_by_the_row_rule():
     """The first kernel binarizes the gathered uint8 rows exactly as ``fastvae.noise.binarize`` does for the
     autograd step: keyed by (seed, salt, epoch * N + data index), whatever the batch or step."""
@@ -246,6 +251,7 @@ def test_engine_step_kernel_count_at_the_pytorch_example_preset():
             assert len(launches) <= limit, [ln.name for ln in launches]
 
 
+@pytest.mark.slow
 def test_fused_engine_resumes_from_the_optimizer_state_dict():
     """Checkpoint round trip (model and optimizer state_dicts, as the trainer saves them) mid-epoch: the
     resumed fused engine continues exactly as an uninterrupted one (moments, step count, noise counter)."""

@@ -34,6 +34,7 @@ def onnx_path(run_dir, tmp_path_factory):
     return export_decoder(run_dir, tmp_path_factory.mktemp("onnx") / "decoder.onnx").path
 
 
+@pytest.mark.slow
 def test_export_graph_metadata_and_numbers(run_dir, onnx_path):
     m = onnx.load(str(onnx_path))
     assert not Path(str(onnx_path) + ".data").exists()  # one self-contained file
@@ -127,6 +128,7 @@ def test_sampler_cli_without_torch(onnx_path, tmp_path, no_torch_env):
     assert bad.returncode == 2 and bad.stderr.count("\n") <= 2 and "positive integer" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FASTVAE_SKIP_VENV") == "1", reason="FASTVAE_SKIP_VENV=1")
 def test_sampler_in_a_venv_with_only_numpy_onnxruntime_pillow(run_dir, onnx_path, tmp_path):
     """The deployment story: a fresh venv, the runtime distribution (runtime/, fastvae-engine-runtime) built

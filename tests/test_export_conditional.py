@@ -41,6 +41,7 @@ def parts(run_dir, tmp_path_factory):
     return {r.part: r.path for r in res}
 
 
+@pytest.mark.slow
 def test_parts_take_labels_and_record_classes(parts):
     for part, path in parts.items():
         s = {"decoder": Sampler, "encoder": Encoder, "scorer": Scorer}[part](path)

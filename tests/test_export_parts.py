@@ -84,6 +84,7 @@ def test_iw_helpers_match_torch_distributions():
     torch.testing.assert_close(iw_nll(got), direct, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_parts_graph_metadata(parts):
     for part, path in parts.items():
         m = onnx.load(str(path))
@@ -145,6 +146,7 @@ def test_scorer_is_batch_invariant_and_seeded(parts, run_dir):
     assert not np.allclose(s.score(x, seed=4)["neg_elbo"], whole["neg_elbo"])
 
 
+@pytest.mark.slow
 def test_int8_scorer_both_ranges(run_dir, tmp_path):
     for rr in (False, True):
         res = ox.export_scorer(run_dir, tmp_path / f"s{rr}.onnx", int8=True, reduce_range=rr)
@@ -208,6 +210,7 @@ def test_clis_read_png_folders_and_npz_without_torch(run_dir, parts, tmp_path, n
     assert bad.returncode == 2 and bad.stderr.count("\n") <= 2 and "no such file" in bad.stderr
 
 
+@pytest.mark.slow
 def test_fastvae_export_cli_all_parts(run_dir, tmp_path):
     from fastvae.cli import main
 

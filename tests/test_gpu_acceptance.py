@@ -68,6 +68,7 @@ def test_a_hung_stage_and_a_failed_stage_leave_the_others_intact(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "acceptance.tar.gz", "summary.md"]
 
 
+@pytest.mark.slow
 def test_a_call_killed_at_its_limit_still_leaves_a_readable_summary(tmp_path):
     env = {"ACCEPT_FORCE_HANG": "sweep", "ACCEPT_LIMIT_sweep": "12"}
     r = _run(tmp_path, "--stages", "sweep,copy", env=env, outer=6)

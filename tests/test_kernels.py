@@ -72,7 +72,7 @@ def split_k_from(monkeypatch, rows):
 
 
 @pytest.mark.parametrize("cfg", [ODD, ODD_TANH_2], ids=["relu-1layer", "tanh-2layers"])
-@pytest.mark.parametrize("batch", [37, 600], ids=["B37", "B600-splitK"])
+@pytest.mark.parametrize("batch", [37, pytest.param(600, marks=pytest.mark.slow)], ids=["B37", "B600-splitK"])
 def test_fused_negative_elbo_and_all_gradients_equal_the_reference(cfg, batch, monkeypatch):
     if batch == 600 and cfg is ODD_TANH_2 and DEVICE == "cpu":
         pytest.skip("one split-K case is enough in the interpreter")
@@ -92,7 +92,7 @@ def test_fused_negative_elbo_and_all_gradients_equal_the_reference(cfg, batch, m
         assert rel(p.grad, q.grad) < TOL[torch.float32], name
 
 
-@pytest.mark.parametrize("batch", [37, 600], ids=["B37-64x64", "B600-128x128-splitK"])
+@pytest.mark.parametrize("batch", [37, pytest.param(600, marks=pytest.mark.slow)], ids=["B37-64x64", "B600-128x128-splitK"])
 def test_tf32_weight_gradient_tiles_equal_the_reference(batch, monkeypatch):
     """The TF32 weight-gradient tiles: 64 x 64 with 4 warps where 64 x 128 would leave fewer than 96 CTAs (B =
     37), 128 x 128 in 16-row chunks on a split batch (B = 600, 4 splits), against float64. The interpreter
@@ -152,6 +152,7 @@ def test_in_kernel_noise_is_regenerated_in_backward_and_matches_reference():
         assert rel(p.grad, q.grad) < TOL[torch.float32], name
 
 
+@pytest.mark.slow
 def test_in_kernel_noise_statistics():
     state = torch.tensor([42, 0], device=DEVICE)
     e = draw_eps(state, 2000, 20).double().cpu()
@@ -175,6 +176,7 @@ def test_in_kernel_noise_statistics():
     assert torch.equal(shifted, e[5:15].float())
 
 
+@pytest.mark.slow
 def test_gradients_are_bit_identical_across_runs(monkeypatch):
     split_k_from(monkeypatch, 128)
     _, fused = pair(ODD, seed=3)
@@ -188,7 +190,10 @@ def test_gradients_are_bit_identical_across_runs(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cfg, batch, expected", [(ODD, 37, 7), (ODD, 600, 8), (ODD_TANH_2, 37, 11)])
+@pytest.mark.parametrize(
+    "cfg, batch, expected",
+    [(ODD, 37, 7), pytest.param(ODD, 600, 8, marks=pytest.mark.slow), (ODD_TANH_2, 37, 11)],
+)
 def test_kernel_count_of_the_autograd_path(cfg, batch, expected, monkeypatch):
     """FusedVAE under autograd: 2L + 1 forward, 1 loss sum, 2L + 1 backward (+1 split-K), traced; no aten op
     in the fused forward/backward besides the caller's mean() and its backward (no zeros for kl)."""
@@ -200,6 +205,7 @@ def test_kernel_count_of_the_autograd_path(cfg, batch, expected, monkeypatch):
     assert "zeros" not in trace.aten and "zeros_like" not in trace.aten, trace.summary()
 
 
+@pytest.mark.slow
 def test_fused_training_lowers_the_test_loss_like_the_reference(tiny_npz):
     from fastvae.data import load_dataset
 
@@ -302,6 +308,7 @@ def test_gpu_launch_count_with_profiler():
     assert len(kernels) <= 10, [e.name for e in kernels]
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_hopper_without_a_gpu():
     """The interpreter never runs the compiler: lower every kernel to a sm_90 cubin in fp32 and bf16."""
     import os

@@ -60,6 +60,7 @@ def test_objective_and_every_gradient_equal_the_float64_reference(case):
         assert rel(p.grad, q.grad) < FP32, name
 
 
+@pytest.mark.slow
 def test_iwae_with_split_k_weight_gradients(monkeypatch):
     """B K = 600 decoder rows, B = 150 encoder rows: the weight-gradient launch splits each group's own rows."""
     monkeypatch.setattr(heuristics, "WGRAD_MIN_ROWS_PER_SPLIT", 128)  # 4 splits
@@ -139,6 +140,7 @@ ENGINE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
 def test_engine_step_equals_the_autograd_fused_path_with_torch_adam(case):
     """Same order, same in-kernel noise, same init: the engine's step (labels gathered in-kernel, K samples

@@ -104,6 +104,7 @@ def test_engine_honours_free_bits(tmp_path, tiny_npz):
     assert_same_weights(b, reference_loop(tiny_npz, free_bits=0.05))
 
 
+@pytest.mark.slow
 def test_ddp_honours_every_option(tmp_path, tiny_npz):
     """2 gloo ranks with beta, warm-up and free bits (per-rank batch means, as documented)."""
     out = tmp_path / "ddp"

@@ -48,6 +48,7 @@ def uninterrupted(tmp_path_factory):
     return load_file(out / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["while training", "during a checkpoint write"])
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, uninterrupted, moment):
     out = tmp_path / "run"
@@ -158,6 +159,7 @@ def test_resume_without_a_run_starts_one(tmp_path, tiny_npz):
     assert res.step == 10 and Path(res.out, "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_checkpoints_and_resumes_exactly(tmp_path, uninterrupted, sig):
     """A cluster's SIGTERM (or Ctrl-C): the step finishes, a checkpoint is written, one line says how to
@@ -180,6 +182,7 @@ def test_preemption_checkpoints_and_resumes_exactly(tmp_path, uninterrupted, sig
         assert torch.equal(resumed[k], uninterrupted[k]), k
 
 
+@pytest.mark.slow
 def test_two_trainings_cannot_share_a_run_directory(tmp_path):
     out = tmp_path / "run"
     env = {**ENV, "FASTVAE_CHECKPOINT_PAUSE": "0.5"}  # keeps the first one busy for a while

@@ -45,6 +45,7 @@ def test_frechet_distance_equals_the_closed_form_for_commuting_covariances():
     ) == pytest.approx(0.0, abs=1e-10)
 
 
+@pytest.mark.slow
 def test_scores_separate_real_digits_from_noise_and_scrambled_digits(judge_cache):
     mnist, clf, acc = judge_cache
     assert acc >= 0.95

@@ -131,6 +131,7 @@ def test_gaussian_decoder_recovers_a_known_likelihood():
     assert model.sample(3).shape == (3, 4)  # the Gaussian mean
 
 
+@pytest.mark.slow
 def test_gaussian_training_on_grayscale_mnist_via_cli(tmp_path):
     out = tmp_path / "g"
     proc = subprocess.run([sys.executable, "-m", "fastvae", "train", "--likelihood", "gaussian", "--max-steps", "30",
@@ -146,6 +147,7 @@ def _cli(*args):
                           timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_commands_end_to_end(trained, tiny_npz, tmp_path):
     for cmd, out in (("interpolate", "i.png"), ("manifold", "m.png"), ("latents", "l.png")):
         extra = ["--a", 0, "--b", 5] if cmd == "interpolate" else []

@@ -102,6 +102,7 @@ def test_batch_larger_than_data(tmp_path, tiny_npz):
         train(_cfg(tmp_path, tiny_npz, batch_size=10_000))
 
 
+@pytest.mark.slow
 def test_triton_backend_follows_the_reference_trajectory(tmp_path, tiny_npz):
     """Same init, batches and noise: the fused backend's run ends where the reference's does."""
     ref = train(_cfg(tmp_path, tiny_npz, out=str(tmp_path / "ref"), epochs=1, backend="torch"))
