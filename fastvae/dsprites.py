@@ -160,7 +160,7 @@ def _render_chunk(c: np.ndarray) -> np.ndarray:
 
 
 def _cache_path(g: Grid) -> Path:
-    from fastvae.quality import cache_dir
+    from fastvae.cache import cache_dir
 
     return cache_dir() / f"dsprites-v{RENDER_VERSION}-{g.name}.npy"
 
@@ -242,14 +242,6 @@ def load_factor_data(name: str) -> FactorData:
         parts.append((x, classes[:, 0].copy(), classes))
     (xtr, ytr, ftr), (xte, yte, fte) = parts
     return FactorData(xtr, xte, ytr, yte, ftr, fte, g)
-
-
-def as_dataset(name: str):
-    """The named grid as a :class:`fastvae.data.Dataset` (labels: the shape class)."""
-    from fastvae.data import Dataset
-
-    d = load_factor_data(name)
-    return Dataset(name, d.x_train, d.x_test, d.y_train, d.y_test)
 
 
 def write_npz(path: str | os.PathLike, name: str = "dsprites") -> Path:
