@@ -20,6 +20,7 @@ The epoch is the script's: 469 batches (60,000 samples, the last batch 96), no `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -117,12 +118,11 @@ def examples_applies(cfg, dtype: str) -> bool:
             and not cfg.conditional and cfg.k == 1 and cfg.beta == 1)  # fmt: skip
 
 
-def examples_step_contender(cfg, data, batch: int, dtype: str):
-    """The examples loop as a step contender (``fastvae.bench_contenders.Contender``): each step the next
-    DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the device,
-    forward, backward, ``loss.item()``, Adam."""
-    from fastvae.bench_contenders import Contender
-
+def examples_step(cfg, data, batch: int, dtype: str) -> tuple[Callable[[], None], Callable[[], float], int]:
+    """The examples loop as a step contender's parts (step, read_loss, steps per epoch; the contender is
+    built by ``fastvae.bench.contenders``, which imports this module, never the reverse): each step the
+    next DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the
+    device, forward, backward, ``loss.item()``, Adam."""
     if not examples_applies(cfg, dtype):
         raise ValueError("the examples loop runs the pytorch-example network in fp32 only")
     device = data.x.device
@@ -147,8 +147,7 @@ def examples_step_contender(cfg, data, batch: int, dtype: str):
         value, state["loss"] = state["loss"], 0.0
         return value
 
-    return Contender("examples-loop", step, read_loss, len(loader), "Adam (PyTorch's default)",
-                     notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip
+    return step, read_loss, len(loader)
 
 
 def _train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ number of steps is valid (at B = 16384 on MNIST the table has 3 rows).
   noise keyed by (seed, sample id), the reference model, fused Adam, a finiteness check every step, no
   DataLoader. It is what a CPU user of fastvae gets, so it is the CPU contender.
 - ``examples-loop`` (CPU, the pytorch-example network in fp32): the pytorch/examples ``vae/main.py`` loop
-  as its users run it, one DataLoader batch per step (``fastvae.bench_examples``); it is also timed as
+  as its users run it, one DataLoader batch per step (``fastvae.bench.examples``); it is also timed as
   whole epochs.
 """
 
@@ -47,7 +47,7 @@ LR = 1e-3
 GRAPH_WARMUP = 3
 STEP_CONTENDERS = ("eager", "eager+graph", "compile", "fastvae")
 CPU_CONTENDERS = ("examples-loop", "eager", "compile", "fastvae")
-# The compile contender's torch.compile mode; fastvae.bench_gpu sets it per cell (a mode that compiles
+# The compile contender's torch.compile mode; fastvae.bench.gpu sets it per cell (a mode that compiles
 # within its deadline) and records which one ran.
 COMPILE_MODE = "max-autotune"
 
@@ -135,9 +135,11 @@ def make_contender(
     if name == "fastvae":
         return _fastvae(cfg, data, batch, dtype) if x.device.type == "cuda" else _fastvae_cpu(cfg, data, batch)
     if name == "examples-loop":
-        from fastvae.bench_examples import examples_step_contender
+        from fastvae.bench.examples import examples_step
 
-        return examples_step_contender(cfg, data, batch, dtype)
+        step, read_loss, per_epoch = examples_step(cfg, data, batch, dtype)
+        return Contender("examples-loop", step, read_loss, per_epoch, "Adam (PyTorch's default)",
+                         notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip
     opt_kind = {"eager": "fused", "eager+graph": "fused-capturable", "compile": "foreach"}[name]
     ws = WholeStep(cfg, x, batch, dtype, opt_kind)
     if name == "eager":
