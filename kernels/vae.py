@@ -437,7 +437,7 @@ def fused_objective(
     return (out[0], out[1], out[2]) if plan.multi else (out[0], out[1], None)
 
 
-class EngineStep:
+class FusedStep:
     """The engine's whole training step as 2L + 2 launches over persistent buffers (no autograd, no aten op);
     2L + 3 for K samples per row (the K-sample reduction).
 
