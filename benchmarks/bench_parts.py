@@ -69,7 +69,7 @@ def _bench(a: argparse.Namespace) -> int:
     import onnxruntime as ort
     import torch
 
-    from fastvae.bench_report import new_record_path, save_record
+    from fastvae.bench.report import new_record_path, save_record
     from fastvae.export import Scorer
     from fastvae.export import onnx_export as ox
     from fastvae.runs import load_run

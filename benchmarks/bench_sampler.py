@@ -90,7 +90,7 @@ def _bench(a: argparse.Namespace) -> int:
     import torch
 
     from fastvae import load_model, train
-    from fastvae.bench_report import new_record_path, save_record
+    from fastvae.bench.report import new_record_path, save_record
     from fastvae.export import Sampler, export_decoder
     from fastvae.export.runtime import physical_cores
 
@@ -163,7 +163,7 @@ def _bench(a: argparse.Namespace) -> int:
 
 
 def _print_table(record: dict) -> None:
-    from fastvae.bench_report import speed_words
+    from fastvae.bench.report import speed_words
 
     print(
         f"\nCPU: {record['cpu']}, {record['threads']} threads; torch {record['torch']}, onnxruntime {record['onnxruntime']}"

@@ -11,7 +11,7 @@
 #   1 env          nvidia-smi, versions, the offline install (fallback: a shadow tree on PYTHONPATH)
 #   2 correctness  GPU-marked kernel/engine tests, the TF32/bf16 error against cuBLAS's own error,
 #                  compute-sanitizer memcheck of one small step, the sm_90 resource report
-#   3 record       fastvae.bench_gpu: B 128/16384 x fp32/bf16 (+ TF32 at 128), eager, eager+graph,
+#   3 record       fastvae.bench.gpu: B 128/16384 x fp32/bf16 (+ TF32 at 128), eager, eager+graph,
 #                  torch.compile (mode within a deadline), fastvae; kernels, per-kernel times, memory, epochs
 #   4 sweep        `fastvae sweep` (issue 26) when it exists, else recorded as skipped
 #   5 quality      pytorch-example 10 epochs fused vs reference; iwae for the remaining seconds, IW NLL k=5000

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fastvae.bench_contenders import make_contender
+from fastvae.bench.contenders import make_contender
 from fastvae.config import preset
 from fastvae.data import DeviceData, load_dataset
 

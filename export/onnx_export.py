@@ -399,7 +399,7 @@ def _compare(got: np.ndarray, ref: np.ndarray, name: str, batch: int, rel: bool)
     return worst
 
 
-def check_labels(model, b: int, g: torch.Generator) -> tuple[torch.Tensor | None, dict[str, np.ndarray]]:
+def random_check_labels(model, b: int, g: torch.Generator) -> tuple[torch.Tensor | None, dict[str, np.ndarray]]:
     """Random labels for a check of a conditional VAE's part (None and no feed for an unconditional one)."""
     if not model.config.conditional:
         return None, {}
@@ -412,7 +412,7 @@ def _check_decoder(sess, model, latent_dim: int) -> float:
     worst = 0.0
     for b in CHECK_BATCHES:
         z = torch.randn(b, latent_dim, generator=g)
-        y, feed = check_labels(model, b, g)
+        y, feed = random_check_labels(model, b, g)
         with torch.inference_mode():
             ref = _ProbDecoder(model)(z, y).double().numpy()
         got = sess.run(["x_prob"], {"z": z.numpy(), **feed})[0]
@@ -435,7 +435,7 @@ def _check_encoder(sess, model, run_dir) -> float:
     worst = 0.0
     for b in CHECK_BATCHES:
         x = x_all[:b]
-        y, feed = check_labels(model, b, gen)
+        y, feed = random_check_labels(model, b, gen)
         with torch.inference_mode():
             ref = [t.double().numpy() for t in model.encode(x, y)]
         got = sess.run(["mu", "logvar"], {"x": x.numpy(), **feed})
@@ -468,7 +468,7 @@ def _check_scorer(sess, model, run_dir, k: int) -> float:
     worst = 0.0
     for b in batches:
         x, rows = x_all[:b], rows_all[:b]
-        y, feed = check_labels(model, b, gen)
+        y, feed = random_check_labels(model, b, gen)
         o = elbo_terms_by_row(model, x, rows, run.seed, y)
         refs = {"neg_elbo": o.neg_elbo, "rec": o.rec, "kl": o.kl}
         if k:
@@ -571,7 +571,7 @@ def _quantize(path: Path, spec: _Spec, model, run_dir, config, reduce_range: boo
             run32 = lambda z, yb=None: s32.run(["x_prob"], feeds(z, yb))[0]  # noqa: E731
             run8 = lambda z, yb=None: s8.run(["x_prob"], feeds(z, yb))[0]  # noqa: E731
             z = np.random.default_rng(0).standard_normal((1024, config.latent_dim)).astype(np.float32)
-            yz = check_labels(model, 1024, torch.Generator().manual_seed(3))[0]
+            yz = random_check_labels(model, 1024, torch.Generator().manual_seed(3))[0]
             err = np.abs(run8(z, yz) - run32(z, yz))
             eps = torch.from_numpy(np.random.default_rng(1).standard_normal((len(x), config.latent_dim)))
             change = _decoder_elbo(run8, model, x, eps, y) - _decoder_elbo(run32, model, x, eps, y)

@@ -336,16 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    from fastvae import config as c
-
-    ACTIVATIONS, BACKENDS, DTYPES, LIKELIHOODS, PRESETS = (
-        c.ACTIVATIONS,
-        c.BACKENDS,
-        c.DTYPES,
-        c.LIKELIHOODS,
-        c.PRESETS,
-    )
-    LR_SCHEDULES, MODELS, TrainConfig = c.LR_SCHEDULES, c.MODELS, c.TrainConfig
+    from fastvae.config import TrainConfig
 
     t = sub.add_parser("train", help="train a VAE (also under torchrun for DDP)")
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the flags' defaults are the config's
@@ -353,6 +344,18 @@ def _add_train(sub) -> None:
     def opt(flag: str, **kw) -> None:
         """A flag named after its TrainConfig field, defaulting to the field's default."""
         t.add_argument(flag, default=d[flag.lstrip("-").replace("-", "_")], **kw)
+
+    _add_train_data(opt)
+    _add_train_run(opt, d)
+    _add_train_model(opt)
+    _add_train_engine(opt)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+
+def _add_train_data(opt) -> None:
+    """train: the data and the host (preset, data source, image reading, threads, image output)."""
+    from fastvae.config import PRESETS
 
     opt("--preset", help=" | ".join(PRESETS))
     opt(
@@ -372,6 +375,13 @@ def _add_train(sub) -> None:
         type=_int_at_least(1),
         help="also write samples and reconstructions every N epochs (images/)",
     )
+
+
+def _add_train_run(opt, d: dict) -> None:
+    """train: how long and where (epochs, batch, learning rate, seed, device, run directory, limits,
+    checkpoints, resume)."""
+    from fastvae.config import BACKENDS, LR_SCHEDULES
+
     opt("--epochs", type=_int_at_least(1), help=f"training epochs (default: {d['epochs']} for every preset)")
     opt("--batch-size", type=_int_at_least(1),
         help=f"global batch (default: from the preset; {_preset_batches()})")  # fmt: skip
@@ -398,6 +408,13 @@ def _add_train(sub) -> None:
     opt("--keep-checkpoints", type=_int_at_least(1))
     opt("--resume", action="store_true", help="continue the run in --out (start it if there is none)")
     opt("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def _add_train_model(opt) -> None:
+    """train: the model and its objective (KL schedule, free bits, networks, likelihood, beta, k)."""
+    from fastvae import config as c
+    from fastvae.config import ACTIVATIONS, LIKELIHOODS, MODELS
+
     opt("--kl-warmup-steps", type=_int_at_least(0), help="beta rises linearly over N steps")
     opt("--kl-warmup-epochs", type=_int_at_least(0), help="... or over N epochs")
     opt("--free-bits", type=_float_range(0.0), help="per-dimension KL floor, nats")
@@ -420,13 +437,17 @@ def _add_train(sub) -> None:
         type=_int_at_least(1, c.MAX_SAMPLES),
         help="latent samples per training row (default: the preset's, 1)",
     )
+
+
+def _add_train_engine(opt) -> None:
+    """train: the device engine (dtype, CUDA graph, device-resident step)."""
+    from fastvae.config import DTYPES
+
     opt("--dtype", choices=DTYPES, help="bf16: fp32 master weights, bf16 compute (CUDA engine)")
     opt("--cuda-graph", action=argparse.BooleanOptionalAction,
         help="replay the whole step as a CUDA graph (default: on for CUDA, single process)")  # fmt: skip
     opt("--engine", action=argparse.BooleanOptionalAction,
         help="device-resident step (default: on for CUDA, single process)")  # fmt: skip
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
 
 
 def _add_toolkit(sub) -> None:

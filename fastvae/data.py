@@ -90,9 +90,9 @@ def load_dataset(
 
 def _load_path(source: str, likelihood: str, image_size, grayscale: bool, progress: bool) -> Dataset:
     if source in ("dsprites", "dsprites-small"):  # procedural, with factor labels: fastvae.dsprites
-        from fastvae.dsprites import load_factor_data
+        from fastvae.dsprites import load_factor_data  # built here: dsprites must not import data (a loop)
 
-        d = load_factor_data(source)  # labels: the shape class; the five factors stay in fastvae.dsprites
+        d = load_factor_data(source)  # labels: the shape class
         return Dataset(source, d.x_train, d.x_test, d.y_train, d.y_test)
     if source == "mnist":
         with np.load(mnist_path(), allow_pickle=False) as f:

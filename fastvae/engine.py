@@ -15,7 +15,7 @@ Choices:
 - bf16: fp32 master weights; the batch is cast to bf16 and the fused kernels compute in bf16 with fp32
   accumulation, loss and KL; the reference model runs under ``torch.autocast``.
 - A FusedVAE trained with ``torch.optim.Adam`` over resident uint8 data takes the fused step
-  (``fastvae.kernels.vae.EngineStep``): no autograd and no aten op, 2L + 2 Triton kernels (6 for
+  (``fastvae.kernels.vae.FusedStep``): no autograd and no aten op, 2L + 2 Triton kernels (6 for
   ``pytorch-example``, 10 for ``iwae``). The first gathers the batch from the uint8 data by index and
   binarizes it by the row rule of ``fastvae.noise`` (the same draw as the autograd step), the last applies Adam in its epilogue to a flat parameter buffer (the model's parameters become
   views of it; the optimizer's state entries become views of the flat moments, so its state_dict and a
@@ -102,7 +102,7 @@ class TrainStep:
     def _fused_step(self, data: DeviceData, plan):
         """Flat parameters and Adam state shared with the model and the optimizer, and the fused step."""
         from fastvae.kernels.row_noise import key_words
-        from fastvae.kernels.vae import EngineStep
+        from fastvae.kernels.vae import FusedStep
         from fastvae.kernels.weight_grad import AdamBuffers
 
         model, dev, cfg = self.model, self.device, self.model.config
@@ -142,7 +142,7 @@ class TrainStep:
             o += p.numel()
         self.flat_params, self.grad = flat, grad
         core, labels = views[: plan.n_core], views[plan.n_core :]
-        return EngineStep(
+        return FusedStep(
             plan, weights=core[0::2], biases=core[1::2], label_weights=tuple(labels) if labels else None,
             labels=data.y if cfg.conditional else None, adam=AdamBuffers(flat, m, v, self.hyper, step, lowp),
             grad=grad, data=data.x, batches=self.batches, cursor=self.cursor, rng_state=model.rng_state,
@@ -228,7 +228,7 @@ class TrainStep:
 
 
 def _engine_can_run(plan, model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData) -> bool:
-    """Can the step run as the fused kernel sequence (EngineStep)? The model's kernels can (``plan``, from
+    """Can the step run as the fused kernel sequence (FusedStep)? The model's kernels can (``plan``, from
     ``FusedVAE.plan_for(..., step=True)``), over uint8 resident data (with its labels when conditional), with
     plain Adam over exactly its parameters in one group."""
     if isinstance(plan, str) or not data.scaled or data.x.dtype != torch.uint8:

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
+from fastvae.kernels.linear_act import AMode
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -102,7 +104,7 @@ def _layer_fwd(kw: dict, grid: tuple, pipelined: bool) -> Work:
     ctas, mp, np_, mode = gm * gn, gm * bm, gn * bn, kw["A_MODE"]
     ew, ey, zp = _es(kw, "w_ptr"), _es(kw, "y_ptr"), kw["ZP"]
     w = Work(async_loop=pipelined)
-    if mode == 2:  # A_LATENT: z finished in the prologue from T_in head partials (summed in a loop)
+    if mode == AMode.LATENT:  # z finished in the prologue from T_in head partials (summed in a loop)
         t_in, ez, z, samples = kw["T_in"], _es(kw, "z_ptr"), kw["Z"], kw["SAMPLES"]
         kp = bk
         w.l2_bytes += ctas * (t_in * bm * 2 * zp * 4 + zp * bn * ew)
@@ -118,7 +120,7 @@ def _layer_fwd(kw: dict, grid: tuple, pipelined: bool) -> Work:
         w.l2_bytes += ctas * (bm * kp * ea + bn * kp * ew)
         w.hbm_bytes += m * k * ea + n * k * ew
         w.dependent_loads += _loop(trips, pipelined) + 1
-        if mode == 1:  # A_GATHER: cursor -> batch indices -> pixels; x written once, by the first tile
+        if mode == AMode.GATHER:  # cursor -> batch indices -> pixels; x written once, by the first tile
             ex = _es(kw, "x_out_ptr")
             w.cold_bytes += m * k  # the batch's uint8 rows of the resident data set (47 MB for MNIST)
             w.l2_bytes += m * k * ex

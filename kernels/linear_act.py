@@ -24,6 +24,7 @@ cast to the activation dtype as it is loaded, and every dot accumulates in fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 import triton
@@ -34,9 +35,17 @@ from fastvae.kernels.heuristics import Tiles, latent_pad, launch
 from fastvae.kernels.latent import latent_rows
 from fastvae.kernels.row_noise import row_uniform
 
-A_LOAD = 0
-A_GATHER = 1
-A_LATENT = 2
+
+class AMode(IntEnum):
+    """The forward kernel's A operand (``A_MODE``): named on the host (launcher, estimate, resources)."""
+
+    LOAD = 0
+    GATHER = 1
+    LATENT = 2
+
+
+# The same modes as the kernel reads them: a @triton.jit function sees only tl.constexpr globals.
+A_LOAD, A_GATHER, A_LATENT = (tl.constexpr(int(m)) for m in AMode)
 UINT8_SCALE = tl.constexpr(255.0)
 
 
@@ -143,7 +152,7 @@ def _layer_fwd_kernel(
     # the first feature tile's programs write the per-row outputs: a row bound of 0 masks the others
     write_rows = tl.where(pid_n == 0, M, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if A_MODE == 2:
+    if A_MODE == A_LATENT:
         zc = latent_rows(hp_ptr, bh_ptr, eps_ptr, rng_ptr, mulv_ptr, z_ptr, kl_ptr, rm, write_rows, M, Z, T_in,
                          row_offset, SAMPLES, USE_RNG, IW, ZP)  # fmt: skip
         rz = tl.arange(0, ZP)
@@ -152,7 +161,7 @@ def _layer_fwd_kernel(
         )
         acc = tl.dot(zc, w.to(zc.dtype), acc, input_precision=PRECISION)
     else:
-        if A_MODE == 1:
+        if A_MODE == A_GATHER:
             cursor = tl.load(cursor_ptr)
             src = tl.load(batches_ptr + cursor * M + rm, mask=m_mask, other=0)
             if BINARIZE:
@@ -161,7 +170,7 @@ def _layer_fwd_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
             mk_mask = m_mask[:, None] & k_mask[None, :]
-            if A_MODE == 1:
+            if A_MODE == A_GATHER:
                 px = tl.load(data_ptr + src[:, None] * K + rk[None, :], mask=mk_mask, other=0)
                 xf = tl.div_rn(px.to(tl.float32), UINT8_SCALE)  # exact, as torch divides
                 if BINARIZE:
@@ -180,7 +189,7 @@ def _layer_fwd_kernel(
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
     bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if LABEL:
-        if A_MODE == 1:
+        if A_MODE == A_GATHER:
             lab = tl.load(label_data_ptr + src, mask=m_mask, other=0).to(tl.int32)
             tl.store(label_ptr + rm, lab, mask=rm < write_rows)
         else:
@@ -322,7 +331,7 @@ def layer_forward(
     m, n = out.shape
     k = w.shape[1]
     assert w.shape == (n, k) and b.shape == (n,), (w.shape, b.shape, out.shape)
-    mode = A_LATENT if latent is not None else A_GATHER if gather is not None else A_LOAD
+    mode = AMode.LATENT if latent is not None else AMode.GATHER if gather is not None else AMode.LOAD
     binarize = gather is not None and gather.binarize is not None
     epoch_base, key_lo, key_hi = gather.binarize if binarize else (None, 0, 0)
     use_rng = latent is not None and latent.eps is None
@@ -341,7 +350,7 @@ def layer_forward(
         y_ptr=out, whead_ptr=head[0] if head else None, hp_out_ptr=head[1] if head else None, step_ptr=step,
         wy_ptr=lab.w, label_ptr=lab.y, label_data_ptr=lab.data,
         M=m, N=n, K=k, Z=zdim, C=lab.w.shape[1] if label else 0, T_in=latent.partials.shape[0] if latent else 0,
-        row_offset=row_offset, SAMPLES=samples, key_lo=key_lo, key_hi=key_hi, A_MODE=mode, BINARIZE=binarize,
+        row_offset=row_offset, SAMPLES=samples, key_lo=key_lo, key_hi=key_hi, A_MODE=int(mode), BINARIZE=binarize,
         USE_RNG=use_rng, IW=iw, LABEL=label is not None, HEAD=head is not None,
         BUMP_STEP=step is not None, ACT=act, PRECISION=precision, BLOCK_M=tiles.rows, BLOCK_N=tiles.cols,
         BLOCK_K=latent_pad(k) if latent is not None else tiles.red, ZP=latent_pad(max(zdim, 1)),

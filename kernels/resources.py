@@ -416,8 +416,10 @@ def format_table(doc: dict) -> str:
 
 def kernel_label(row: dict) -> str:
     """The kernel's name with what the launch fuses: (gather) / (latent) first layers, +head, +dz, +loss."""
+    from fastvae.kernels.linear_act import AMode
+
     f = row["flags"]
-    label = row["kernel"] + {1: " (gather)", 2: " (latent)"}.get(f.get("A_MODE"), "")
+    label = row["kernel"] + {AMode.GATHER: " (gather)", AMode.LATENT: " (latent)"}.get(f.get("A_MODE"), "")
     for flag, tag in (("BINARIZE", " +binarize"), ("LABEL", " +label"), ("HEAD", " +head"), ("DZ", " +dz"),
                       ("FINALIZE", " +loss"), ("ROW_WEIGHTS", " +weights"), ("FUSED_ADAM", " +adam")):  # fmt: skip
         label += tag if f.get(flag) else ""

@@ -31,7 +31,9 @@ the engine does not use autograd at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 import triton
@@ -60,6 +62,35 @@ from fastvae.kernels.linear_act import (
     layer_forward,
 )
 from fastvae.kernels.weight_grad import AdamBuffers, GradGroup, grouped_weight_grads
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ByLayer(Generic[T]):
+    """Per-layer items by name, from a flat list in ReferenceVAE order: L encoder layers, the encoder head
+    (mu | logvar), L decoder layers, the output layer. Launchers read ``w.dec[i]``, not ``w[L + 1 + i]``."""
+
+    enc: tuple[T, ...]
+    head: T
+    dec: tuple[T, ...]
+    out: T
+
+    @classmethod
+    def split(cls, items: Sequence[T]) -> ByLayer[T]:
+        n = (len(items) - 2) // 2  # L hidden layers on each side
+        if len(items) != 2 * n + 2 or n < 1:
+            raise ValueError(f"expected 2L + 2 per-layer items (L >= 1), got {len(items)}")
+        return cls(tuple(items[:n]), items[n], tuple(items[n + 1 : 2 * n + 1]), items[2 * n + 1])
+
+
+class ParamSlot(NamedTuple):
+    """One layer's parameters in the flat parameter vector: the weight's (out, in) shape and the element
+    offsets of its weight and bias."""
+
+    shape: tuple[int, ...]
+    w: int
+    b: int
 
 
 @dataclass(frozen=True)
@@ -153,38 +184,34 @@ class Plan:
             shapes += [(self.enc[0], self.classes), (self.dec[0], self.classes)]
         return shapes
 
-    def grad_groups(self) -> tuple[GradGroup, ...]:
-        lay, shapes = self.layout(), self.param_shapes()
-        offs, o = [], 0
+    def param_slots(self) -> tuple[ByLayer[ParamSlot], tuple[int, ...]]:
+        """Each layer's slot in the flat parameter vector, by name, and the label weights' offsets
+        (encoder_label, decoder_label; empty when unconditional)."""
+        shapes, offs, o = self.param_shapes(), [], 0
         for s in shapes:
             offs.append(o)
             o += int(torch.Size(s).numel())
-        n_enc, b, bk = len(self.enc), self.batch, self.rows
+        n = self.n_core
+        slots = [ParamSlot(shapes[j], offs[j], offs[j + 1]) for j in range(0, n, 2)]  # (weight, bias) pairs
+        return ByLayer.split(slots), tuple(offs[n:])
+
+    def grad_groups(self) -> tuple[GradGroup, ...]:
+        lay, (p, label_offs) = self.layout(), self.param_slots()
+        last, b, bk = len(self.enc) - 1, self.batch, self.rows
         groups = []
-        for i in range(n_enc):  # encoder layers
+        for i, (shape, w, bias) in enumerate(p.enc):  # encoder layers: a is x (None) for the first
             a = None if i == 0 else lay[f"h{i - 1}"]
-            n, k = shapes[2 * i]
-            groups.append(GradGroup(lay[f"dh{i}"], a, n, k, offs[2 * i], offs[2 * i + 1], m=b))
-        j = 2 * n_enc  # head
-        groups.append(
-            GradGroup(lay["dmulv"], lay[f"h{n_enc - 1}"], 2 * self.z, self.enc[-1], offs[j], offs[j + 1], m=b)
-        )
-        for i in range(n_enc):  # decoder layers
-            j = 2 * (n_enc + 1 + i)
+            groups.append(GradGroup(lay[f"dh{i}"], a, *shape, w, bias, m=b))
+        groups.append(GradGroup(lay["dmulv"], lay[f"h{last}"], *p.head.shape, p.head.w, p.head.b, m=b))
+        for i, (shape, w, bias) in enumerate(p.dec):  # decoder layers: a is z for the first
             a = lay["z"] if i == 0 else lay[f"hd{i - 1}"]
-            n, k = shapes[j]
-            groups.append(GradGroup(lay[f"dhd{i}"], a, n, k, offs[j], offs[j + 1], m=bk))
-        j = 2 * (2 * n_enc + 1)  # output layer: dy is dlogits, stored unscaled by grad_output
-        groups.append(
-            GradGroup(
-                lay["dlogits"], lay[f"hd{n_enc - 1}"], self.d, self.dec[-1], offs[j], offs[j + 1], True, m=bk
-            )
-        )
+            groups.append(GradGroup(lay[f"dhd{i}"], a, *shape, w, bias, m=bk))
+        # output layer: dy is dlogits, stored unscaled by grad_output
+        groups.append(GradGroup(lay["dlogits"], lay[f"hd{last}"], *p.out.shape, p.out.w, p.out.b, True, m=bk))
         if self.classes:  # label weights: a = onehot(y), for the decoder's rows the label of row r // K
-            j += 2
-            c = self.classes
-            groups.append(GradGroup(lay["dh0"], 0, self.enc[0], c, offs[j], -1, m=b, label_div=1))
-            groups.append(GradGroup(lay["dhd0"], 0, self.dec[0], c, offs[j + 1], -1, m=bk, label_div=self.k))
+            (enc_label, dec_label), c = label_offs, self.classes
+            groups.append(GradGroup(lay["dh0"], 0, self.enc[0], c, enc_label, -1, m=b, label_div=1))
+            groups.append(GradGroup(lay["dhd0"], 0, self.dec[0], c, dec_label, -1, m=bk, label_div=self.k))
         return tuple(groups)
 
     def grad_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -235,8 +262,8 @@ class Buffers:
 def run_forward(
     plan: Plan,
     buf: Buffers,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
+    w: ByLayer[torch.Tensor],
+    b: ByLayer[torch.Tensor],
     *,
     x: torch.Tensor | None,
     eps: torch.Tensor | None,
@@ -249,7 +276,7 @@ def run_forward(
     """Forward launches (2L + 1); returns the x the output kernel compared against. ``source``: (data,
     batches, cursor, binarize, labels or None) to gather the batch (and its labels) into the workspace (the
     engine), else ``x`` is read (and ``buf.labels`` holds the caller's labels). ``label_weights``: the
-    conditional VAE's (encoder_label, decoder_label) weights."""
+    conditional VAE's (encoder_label, decoder_label) weights. ``w``/``b``: the weights and biases by layer."""
     L, v, prec = len(plan.enc), buf.view, dot_precision(plan.dtype)
     gather, label_data = None, None
     if source is not None:
@@ -262,30 +289,30 @@ def run_forward(
         dec_label = LabelIn(label_weights[1], buf.labels)
     a = x
     for i in range(L):
-        head = (weights[L], buf.head_partials) if i == L - 1 else None
+        head = (w.head, buf.head_partials) if i == L - 1 else None
         out = v(f"h{i}", plan.enc[i])
         tiles = plan.latent_tiles(plan.enc[i]) if head else plan.tiles(plan.enc[i])
         if i == 0 and gather is not None:
             tiles = gather_tiles(tiles)
         layer_forward(
-            w=weights[i], b=biases[i], out=out, act=plan.act, precision=prec, tiles=tiles,
+            w=w.enc[i], b=b.enc[i], out=out, act=plan.act, precision=prec, tiles=tiles,
             a=a if (i > 0 or gather is None) else None, gather=gather if i == 0 else None, head=head,
             step=step if i == 0 else None, zdim=plan.z, row_offset=row_offset, label=enc_label if i == 0 else None,
         )  # fmt: skip
         a = out
-    latent = LatentIn(buf.head_partials, biases[L], eps, rng_state, buf.mulv, v("z", plan.z), buf.kl)
+    latent = LatentIn(buf.head_partials, b.head, eps, rng_state, buf.mulv, v("z", plan.z), buf.kl)
     for i in range(L):
         out = v(f"hd{i}", plan.dec[i])
         first = i == 0
         layer_forward(
-            w=weights[L + 1 + i], b=biases[L + 1 + i], out=out, act=plan.act,
+            w=w.dec[i], b=b.dec[i], out=out, act=plan.act,
             tiles=plan.latent_tiles(plan.dec[i], small_k=True, decoder=True) if first
             else plan.tiles(plan.dec[i], decoder=True),
             precision=prec, a=a if i > 0 else None, latent=latent if first else None, zdim=plan.z,
             row_offset=row_offset, label=dec_label if first else None, samples=plan.k, iw=plan.iw,
         )  # fmt: skip
         a = out
-    bernoulli_output_forward(hd=a, w=weights[-1], b=biases[-1], x=x, dlogits=v("dlogits", plan.d),
+    bernoulli_output_forward(hd=a, w=w.out, b=b.out, x=x, dlogits=v("dlogits", plan.d),
                              rec_partials=buf.rec_partials, tiles=plan.tiles(plan.d, decoder=True), precision=prec,
                              samples=plan.k)  # fmt: skip
     return x
@@ -294,7 +321,7 @@ def run_forward(
 def run_backward(
     plan: Plan,
     buf: Buffers,
-    weights: list[torch.Tensor],
+    w: ByLayer[torch.Tensor],
     *,
     x: torch.Tensor | None,
     eps: torch.Tensor | None,
@@ -311,11 +338,11 @@ def run_backward(
     ``finalize``: fuse the one-sample loss into the first kernel (the engine); K samples were reduced by
     finalize_loss, whose weights scale each decoder row here."""
     L, v, prec = len(plan.enc), buf.view, dot_precision(plan.dtype)
-    dz = (weights[L + 1], buf.dz_partials)
+    dz = (w.dec[0], buf.dz_partials)
     row_weights = (buf.weights, buf.row_scale, plan.k) if plan.multi else None
     # output layer: dhd_{L-1} = (s * dlogits) W_out * act'(hd_{L-1})
     layer_backward_input(
-        dy=v("dlogits", plan.d), w=weights[-1], h=v(f"hd{L - 1}", plan.dec[-1]), act=plan.act,
+        dy=v("dlogits", plan.d), w=w.out, h=v(f"hd{L - 1}", plan.dec[-1]), act=plan.act,
         out=v(f"dhd{L - 1}", plan.dec[-1]), precision=prec, row_scale=grad_out, row_weights=row_weights,
         tiles=plan.weighted_tiles(plan.dec[-1], plan.latent_tiles(plan.dec[-1], decoder=True) if L == 1
                                   else plan.tiles(plan.dec[-1], decoder=True)),
@@ -323,7 +350,7 @@ def run_backward(
     )  # fmt: skip
     for i in range(L - 1, 0, -1):
         layer_backward_input(
-            dy=v(f"dhd{i}", plan.dec[i]), w=weights[L + 1 + i], h=v(f"hd{i - 1}", plan.dec[i - 1]), act=plan.act,
+            dy=v(f"dhd{i}", plan.dec[i]), w=w.dec[i], h=v(f"hd{i - 1}", plan.dec[i - 1]), act=plan.act,
             out=v(f"dhd{i - 1}", plan.dec[i - 1]), precision=prec,
             tiles=plan.latent_tiles(plan.dec[i - 1], decoder=True) if i == 1
             else plan.tiles(plan.dec[i - 1], decoder=True),
@@ -332,13 +359,13 @@ def run_backward(
     t = plan.latent_tiles(plan.enc[-1], small_k=True)
     latent_backward(
         dz_partials=buf.dz_partials, mulv=buf.mulv, eps=eps, rng_state=rng_used, grad_out=grad_out, beta=beta,
-        w_head=weights[L], h=v(f"h{L - 1}", plan.enc[-1]), act=plan.act, row_offset=row_offset,
+        w_head=w.head, h=v(f"h{L - 1}", plan.enc[-1]), act=plan.act, row_offset=row_offset,
         dmulv=v("dmulv", 2 * plan.z), dh=v(f"dh{L - 1}", plan.enc[-1]), block_m=t.rows, block_n=t.cols,
         warps=t.warps, precision=prec, samples=plan.k, iw_weights=buf.weights if plan.iw else None,
     )  # fmt: skip
     for i in range(L - 1, 0, -1):
         layer_backward_input(
-            dy=v(f"dh{i}", plan.enc[i]), w=weights[i], h=v(f"h{i - 1}", plan.enc[i - 1]), act=plan.act,
+            dy=v(f"dh{i}", plan.enc[i]), w=w.enc[i], h=v(f"h{i - 1}", plan.enc[i - 1]), act=plan.act,
             out=v(f"dh{i - 1}", plan.enc[i - 1]), tiles=plan.tiles(plan.enc[i - 1]), precision=prec,
         )  # fmt: skip
     grouped_weight_grads(
@@ -358,7 +385,7 @@ class FusedObjective(torch.autograd.Function):
         if labels is not None:
             buf.labels.copy_(labels)
         n = plan.n_core
-        weights, biases, label_w = list(params[0:n:2]), list(params[1:n:2]), params[n:]
+        weights, biases, label_w = ByLayer.split(params[0:n:2]), ByLayer.split(params[1:n:2]), params[n:]
         rng_used = torch.empty(2, dtype=torch.int64, device=x.device) if eps is None else None
         run_forward(plan, buf, weights, biases, x=x, eps=eps, rng_state=rng_state, row_offset=row_offset,
                     label_weights=tuple(label_w) if label_w else None)  # fmt: skip
@@ -380,7 +407,8 @@ class FusedObjective(torch.autograd.Function):
         plan: Plan = ctx.plan
         s = grad_loss if grad_loss.stride(0) in (0, 1) else grad_loss.contiguous()  # mean() gives stride 0
         flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=x.device)
-        run_backward(plan, ctx.buf, list(params[0 : plan.n_core : 2]), x=x, eps=eps, rng_used=rng_used, grad_out=s,
+        w = ByLayer.split(params[0 : plan.n_core : 2])
+        run_backward(plan, ctx.buf, w, x=x, eps=eps, rng_used=rng_used, grad_out=s,
                      beta=beta, row_offset=ctx.row_offset, grad_flat=flat)  # fmt: skip
         grads, o = [], 0
         for p in params:
@@ -437,7 +465,7 @@ def fused_objective(
     return (out[0], out[1], out[2]) if plan.multi else (out[0], out[1], None)
 
 
-class EngineStep:
+class FusedStep:
     """The engine's whole training step as 2L + 2 launches over persistent buffers (no autograd, no aten op);
     2L + 3 for K samples per row (the K-sample reduction).
 
@@ -453,7 +481,9 @@ class EngineStep:
     def __init__(self, plan: Plan, *, weights, biases, adam: AdamBuffers, grad, data, batches, cursor, rng_state,
                  beta, loss_acc, grad_weight, binarize: tuple | None, label_weights: tuple | None = None,
                  labels: torch.Tensor | None = None) -> None:  # fmt: skip
-        self.plan, self.weights, self.biases, self.adam = plan, list(weights), list(biases), adam
+        # the kernels' tensors by layer, built once (the step replays them every call)
+        self.plan, self.weights, self.biases = plan, ByLayer.split(list(weights)), ByLayer.split(list(biases))
+        self.adam = adam
         self.data, self.batches, self.cursor, self.rng_state = data, batches, cursor, rng_state
         self.beta, self.loss_acc, self.grad_weight, self.binarize = beta, loss_acc, grad_weight, binarize
         self.label_weights, self.labels = label_weights, labels

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fastvae.bench import CPU_DEFAULT, CPU_FULL, Grid, resolve_grid, run_cell
-from fastvae.bench_contenders import WholeStep, make_contender
-from fastvae.bench_examples import ExamplesMNIST, ExamplesVAE, loss_function
-from fastvae.bench_report import format_table
+from fastvae.bench.contenders import WholeStep, make_contender
+from fastvae.bench.examples import ExamplesMNIST, ExamplesVAE, loss_function
+from fastvae.bench.report import format_table
 from fastvae.config import VAEConfig
 from fastvae.data import DeviceData
 
@@ -97,7 +97,7 @@ def test_examples_dataset_and_loss_match_torchvision_to_tensor_and_the_elbo():
 
 
 def test_epoch_times_runs_every_contender_each_round_and_keeps_the_fastest(monkeypatch):
-    import fastvae.bench_examples as ex
+    import fastvae.bench.examples as ex
     from fastvae.bench import EPOCH_ROUNDS, epoch_times
 
     calls = []
@@ -144,8 +144,8 @@ def test_cpu_fastvae_contender_is_the_trainers_step_and_matches_train_bit_for_bi
 
 def test_cpu_cell_puts_fastvae_against_the_examples_loop_and_eager_in_the_table():
     from fastvae.bench import _for_cell
-    from fastvae.bench_contenders import CPU_CONTENDERS
-    from fastvae.bench_report import speed_words
+    from fastvae.bench.contenders import CPU_CONTENDERS
+    from fastvae.bench.report import speed_words
     from fastvae.config import preset
 
     data, x = _mnist_like()
@@ -166,7 +166,7 @@ def test_cpu_cell_puts_fastvae_against_the_examples_loop_and_eager_in_the_table(
 
 
 def test_speed_words_read_right_either_way():
-    from fastvae.bench_report import speed_words
+    from fastvae.bench.report import speed_words
 
     assert speed_words(1.8) == "1.80x faster"
     assert speed_words(0.55) == "1.82x slower"  # was "0.55x faster"
@@ -174,7 +174,7 @@ def test_speed_words_read_right_either_way():
 
 
 def test_two_graphs_split_at_backward_are_not_starred_but_a_third_graph_is():
-    from fastvae.bench_dynamo import EXPECTED_BREAKS
+    from fastvae.bench.dynamo import EXPECTED_BREAKS
 
     expected = {"graphs": 2, "graph_breaks": 3, "fallbacks": 0, "recompiles": 0, "flagged": True,
                 "fell_back": False, "break_reasons": list(EXPECTED_BREAKS), "fallback_reasons": []}  # fmt: skip

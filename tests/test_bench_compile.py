@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastvae import bench_dynamo
 from fastvae.bench import Grid, run_cell
+from fastvae.bench import dynamo as bench_dynamo
 from fastvae.config import VAEConfig
 from fastvae.data import DeviceData
 

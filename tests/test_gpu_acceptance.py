@@ -177,7 +177,9 @@ def test_per_kernel_times_sit_beside_the_resource_report(tmp_path):
 
 
 def test_a_compile_mode_past_its_deadline_is_dropped_for_later_cells(monkeypatch):
-    from fastvae import bench, bench_contenders, bench_gpu
+    from fastvae import bench
+    from fastvae.bench import contenders as bench_contenders
+    from fastvae.bench import gpu as bench_gpu
 
     def fake_build(name, *args):
         if bench_contenders.COMPILE_MODE == "max-autotune-no-cudagraphs":

@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {
     "fastvae": ROOT / "fastvae",
+    "fastvae.bench": ROOT / "fastvae" / "bench",
     "fastvae.kernels": ROOT / "kernels",
     "fastvae.export": ROOT / "export",
 }

@@ -204,7 +204,7 @@ body_correctness() {
 
 # ---- 3 record ------------------------------------------------------------------------------------
 body_record() {
-    "$PYTHON" -m fastvae.bench_gpu --out "$RUN/record.json" --md "$RUN/record.md" \
+    "$PYTHON" -m fastvae.bench.gpu --out "$RUN/record.json" --md "$RUN/record.md" \
         --budget "$(left 10)" $(dryflag)
 }
 

@@ -20,6 +20,7 @@ The epoch is the script's: 469 batches (60,000 samples, the last batch 96), no `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -115,6 +116,38 @@ def examples_applies(cfg, dtype: str) -> bool:
     return (dtype == "fp32" and cfg.flat_dim == 784 and tuple(cfg.hidden_dims) == (400,) and cfg.latent_dim == 20
             and cfg.activation == "relu" and cfg.likelihood == "bernoulli" and not cfg.is_ae
             and not cfg.conditional and cfg.k == 1 and cfg.beta == 1)  # fmt: skip
+
+
+def examples_step(cfg, data, batch: int, dtype: str) -> tuple[Callable[[], None], Callable[[], float], int]:
+    """The examples loop as a step contender's parts (step, read_loss, steps per epoch; the contender is
+    built by ``fastvae.bench.contenders``, which imports this module, never the reverse): each step the
+    next DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the
+    device, forward, backward, ``loss.item()``, Adam."""
+    if not examples_applies(cfg, dtype):
+        raise ValueError("the examples loop runs the pytorch-example network in fp32 only")
+    device = data.x.device
+    torch.manual_seed(1)
+    loader = torch.utils.data.DataLoader(
+        ExamplesMNIST(data.x.cpu().numpy()), batch_size=batch, shuffle=True,
+        **({"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}),
+    )  # fmt: skip
+    model = ExamplesVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {"it": iter(loader), "loss": 0.0}
+
+    def step() -> None:
+        try:
+            data_b, _ = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            data_b, _ = next(state["it"])
+        state["loss"] += _train_batch(model, optimizer, data_b.to(device))
+
+    def read_loss() -> float:
+        value, state["loss"] = state["loss"], 0.0
+        return value
+
+    return step, read_loss, len(loader)
 
 
 def _train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ number of steps is valid (at B = 16384 on MNIST the table has 3 rows).
   noise keyed by (seed, sample id), the reference model, fused Adam, a finiteness check every step, no
   DataLoader. It is what a CPU user of fastvae gets, so it is the CPU contender.
 - ``examples-loop`` (CPU, the pytorch-example network in fp32): the pytorch/examples ``vae/main.py`` loop
-  as its users run it, one DataLoader batch per step (``fastvae.bench_examples``); it is also timed as
+  as its users run it, one DataLoader batch per step (``fastvae.bench.examples``); it is also timed as
   whole epochs.
 """
 
@@ -47,7 +47,7 @@ LR = 1e-3
 GRAPH_WARMUP = 3
 STEP_CONTENDERS = ("eager", "eager+graph", "compile", "fastvae")
 CPU_CONTENDERS = ("examples-loop", "eager", "compile", "fastvae")
-# The compile contender's torch.compile mode; fastvae.bench_gpu sets it per cell (a mode that compiles
+# The compile contender's torch.compile mode; fastvae.bench.gpu sets it per cell (a mode that compiles
 # within its deadline) and records which one ran.
 COMPILE_MODE = "max-autotune"
 
@@ -135,7 +135,11 @@ def make_contender(
     if name == "fastvae":
         return _fastvae(cfg, data, batch, dtype) if x.device.type == "cuda" else _fastvae_cpu(cfg, data, batch)
     if name == "examples-loop":
-        return examples_step_contender(cfg, data, batch, dtype)
+        from fastvae.bench.examples import examples_step
+
+        step, read_loss, per_epoch = examples_step(cfg, data, batch, dtype)
+        return Contender("examples-loop", step, read_loss, per_epoch, "Adam (PyTorch's default)",
+                         notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip
     opt_kind = {"eager": "fused", "eager+graph": "fused-capturable", "compile": "foreach"}[name]
     ws = WholeStep(cfg, x, batch, dtype, opt_kind)
     if name == "eager":
@@ -274,37 +278,3 @@ def _fastvae_cpu(cfg: VAEConfig, data: DeviceData, batch: int) -> Contender:
                      "no DataLoader, reference model, fused Adam"}  # fmt: skip
     return Contender("fastvae", step, lambda: stepper.read_loss(state["step"]), steps, "Adam (fused)",
                      notes=notes, model=run.model)  # fmt: skip
-
-
-def examples_step_contender(cfg, data, batch: int, dtype: str):
-    """The examples loop (``fastvae.bench_examples``) as a step contender: each step the next
-    DataLoader batch (a fresh shuffled pass when one ends, as the script's next epoch), to the device,
-    forward, backward, ``loss.item()``, Adam."""
-    from fastvae.bench_examples import ExamplesMNIST, ExamplesVAE, _train_batch, examples_applies
-
-    if not examples_applies(cfg, dtype):
-        raise ValueError("the examples loop runs the pytorch-example network in fp32 only")
-    device = data.x.device
-    torch.manual_seed(1)
-    loader = torch.utils.data.DataLoader(
-        ExamplesMNIST(data.x.cpu().numpy()), batch_size=batch, shuffle=True,
-        **({"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}),
-    )  # fmt: skip
-    model = ExamplesVAE().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = {"it": iter(loader), "loss": 0.0}
-
-    def step() -> None:
-        try:
-            data_b, _ = next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            data_b, _ = next(state["it"])
-        state["loss"] += _train_batch(model, optimizer, data_b.to(device))
-
-    def read_loss() -> float:
-        value, state["loss"] = state["loss"], 0.0
-        return value
-
-    return Contender("examples-loop", step, read_loss, len(loader), "Adam (PyTorch's default)",
-                     notes={"step": "pytorch/examples vae/main.py: one DataLoader batch per step"})  # fmt: skip

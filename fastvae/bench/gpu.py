@@ -1,6 +1,6 @@
-"""``python -m fastvae.bench_gpu``: the GPU record of issue 24 in one process, within a time budget.
+"""``python -m fastvae.bench.gpu``: the GPU record of issue 24 in one process, within a time budget.
 
-    python -m fastvae.bench_gpu --out record.json [--md record.md] [--budget 170] [--dry-run]
+    python -m fastvae.bench.gpu --out record.json [--md record.md] [--budget 170] [--dry-run]
 
 Stage 3 of ``benchmarks/gpu_acceptance.sh``. Cells in order of value (pytorch-example: B 128 fp32,
 16384 bf16, 128 bf16, 16384 fp32, 128 TF32); per cell the contenders of ``fastvae bench`` (eager, eager + a
@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from fastvae import bench, bench_contenders
+from fastvae import bench
 from fastvae.atomic import atomic_write_bytes
-from fastvae.bench_report import machine
+from fastvae.bench import contenders as bench_contenders
+from fastvae.bench.report import machine
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
 
@@ -182,7 +183,7 @@ def _time_interleaved(cell: dict[str, Any], built: dict[str, tuple], grid: bench
 
 def epochs(images, keep: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     """One full epoch each at B 128: the pytorch/examples loop, then every contender of the first cell."""
-    from fastvae.bench_examples import examples_epoch
+    from fastvae.bench.examples import examples_epoch
 
     out: dict[str, Any] = {}
     runs = {"examples-loop": lambda: examples_epoch(images, dev)}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastvae.bench_dynamo import EXPECTED_GRAPHS, unexpected
+from fastvae.bench.dynamo import EXPECTED_GRAPHS, unexpected
 
 # Instruction-set extensions that decide CPU GEMM throughput, as /proc/cpuinfo names them.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")

@@ -1,9 +1,9 @@
 """``fastvae bench``: whole training steps of every contender, side by side in one run.
 
-Contenders (``fastvae.bench_contenders``): eager; eager + a CUDA graph of the whole step; the whole
+Contenders (``fastvae.bench.contenders``): eager; eager + a CUDA graph of the whole step; the whole
 step under ``torch.compile(mode="max-autotune")``; fastvae. On a CPU the CUDA-graph contender is skipped,
 fastvae is ``fastvae train``'s own CPU step (resident data, keyed noise, no DataLoader), and the
-pytorch/examples loop (``fastvae.bench_examples``) is a step contender too, in the cells of its own
+pytorch/examples loop (``fastvae.bench.examples``) is a step contender too, in the cells of its own
 network. Beside them, full MNIST epochs: the examples loop as users run it against the step contenders at
 batch 128.
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from fastvae import bench_dynamo
-from fastvae.bench_contenders import CPU_CONTENDERS, STEP_CONTENDERS, Contender, make_contender
-from fastvae.bench_report import format_table, machine, new_record_path, save_record, slug
+from fastvae.bench import dynamo as bench_dynamo
+from fastvae.bench.contenders import CPU_CONTENDERS, STEP_CONTENDERS, Contender, make_contender
+from fastvae.bench.report import format_table, machine, new_record_path, save_record, slug
 from fastvae.config import VAEConfig, preset
 from fastvae.data import DeviceData, load_dataset
 from fastvae.errors import FastVAEError
@@ -250,7 +250,7 @@ def epoch_times(images, built: dict[str, Contender], device: torch.device) -> di
     each step contender (already built and warm, from the EPOCH_CELL cell, so compile does not compile
     again) over ``steps_per_epoch`` steps and one loss read (one sync). EPOCH_ROUNDS epochs each, the
     order reversed every round; ``epoch_s`` is the fastest (the least disturbed), all are recorded."""
-    from fastvae.bench_examples import examples_epoch
+    from fastvae.bench.examples import examples_epoch
 
     runs: dict[str, Callable[[], dict[str, Any]]] = {"examples-loop": lambda: examples_epoch(images, device)}
     runs.update({name: (lambda c=c: _contender_epoch(c, device))
@@ -365,7 +365,7 @@ def _contenders(dev: torch.device) -> tuple[tuple[str, ...], list[str]]:
 
 def _for_cell(contenders: tuple[str, ...], preset_name: str, dtype: str) -> tuple[str, ...]:
     """The examples loop runs only its own network in fp32 (the pytorch-example cells)."""
-    from fastvae.bench_examples import examples_applies
+    from fastvae.bench.examples import examples_applies
 
     if examples_applies(preset(preset_name), dtype):
         return contenders
