@@ -73,7 +73,7 @@ def split_k_from(monkeypatch, rows):
 
 @pytest.mark.parametrize("cfg", [ODD, ODD_TANH_2], ids=["relu-1layer", "tanh-2layers"])
 @pytest.mark.parametrize("batch", [37, pytest.param(600, marks=pytest.mark.slow)], ids=["B37", "B600-splitK"])
-def test_fused_negative_elbo_and_all_gradients_equal_the_reference(cfg, batch, monkeypatch):
+def test_fused_objective_and_all_gradients_equal_the_reference(cfg, batch, monkeypatch):
     if batch == 600 and cfg is ODD_TANH_2 and DEVICE == "cpu":
         pytest.skip("one split-K case is enough in the interpreter")
     if batch == 600:
