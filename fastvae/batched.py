@@ -7,17 +7,19 @@ tensors (``torch.func.stack_module_state``) and evaluates every model's objectiv
 of the stack, so it always holds the current weights: it is evaluated, saved and checkpointed as the
 single-model trainer would.
 
-:class:`StackedAdam` is Adam (Kingma & Ba, 2014, as ``torch.optim.Adam`` computes it) on the stacked
-tensors: one update for all N models with an (N,) learning rate and per-model step counts; a model that
-is not active (it diverged) keeps its weights and moments.
+:class:`StackedAdam` is Adam (Kingma & Ba, 2014) on the stacked tensors, computed by torch's fused
+Adam kernel (as ``torch.optim.Adam(fused=True)``): one call per distinct learning rate, per-model step
+counts; a model that is not active (it diverged) keeps its weights and moments.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adam import adam
 
 from fastvae.errors import FastVAEError
 from fastvae.model import ReferenceVAE
@@ -94,45 +96,57 @@ class ModelStack:
         return dict(zip(self.params, grads))
 
 
-def per_model_sq_norm(grads: dict[str, Tensor]) -> Tensor:
-    """(N,) each model's squared gradient norm (a non-finite one marks a diverged step)."""
-    return sum(g.detach().double().pow(2).flatten(1).sum(1) for g in grads.values())
+def per_model_finite(grads: dict[str, Tensor]) -> Tensor:
+    """(N,) whether each model's gradient is finite: a NaN or inf anywhere makes its model's sum non-finite
+    (one read of each gradient, no conversion)."""
+    total = sum(g.detach().flatten(1).sum(1) for g in grads.values())
+    return torch.isfinite(total)
+
+
+def _rows_of(d: dict[str, Tensor], rows: list[int], names: list[str]) -> list[Tensor]:
+    return [d[k][i] for i in rows for k in names]
 
 
 class StackedAdam:
-    """Adam on stacked (N, ...) tensors, as ``torch.optim.Adam`` (betas (0.9, 0.999), eps 1e-8, no weight
-    decay) computes it for each model: m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2,
-    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    """Adam on stacked (N, ...) tensors, computed as ``torch.optim.Adam(fused=True)`` (what the single-model
+    trainer uses) computes it for each model: the models of one learning rate are one fused Adam call over
+    their rows of the stacked parameters, moments and gradients, with a step count per model. (An elementwise
+    update with an (N, 1, ...) lr on the stacked tensors took 10x fused Adam's time on a 2-core EPYC: six
+    passes over memory instead of one.) A model that is not active (it diverged) keeps its weights, moments
+    and count."""
 
-    def __init__(
-        self, params: dict[str, Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-    ):
+    def __init__(self, params: dict[str, Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = params
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
         self.exp_avg = {k: torch.zeros_like(p, requires_grad=False) for k, p in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p, requires_grad=False) for k, p in params.items()}
-        n = next(iter(params.values())).shape[0]
-        self.steps = torch.zeros(n, dtype=torch.float32, device=next(iter(params.values())).device)
+        first = next(iter(params.values()))
+        # (N, P): fused Adam increments each parameter's own count, so every (model, tensor) has its own
+        self._counts = torch.zeros(first.shape[0], len(params), dtype=torch.float32, device=first.device)
+
+    @property
+    def steps(self) -> Tensor:
+        """(N,) each model's step count."""
+        return self._counts[:, 0]
 
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor], lr: Tensor, active: Tensor) -> None:
-        """One update of every active model: ``lr`` (N,) learning rates, ``active`` (N,) bool."""
-        self.steps += active.to(self.steps.dtype)
-        t = self.steps
-        bc1 = 1 - self.beta1**t  # (N,)
-        bc2_sqrt = (1 - self.beta2**t).sqrt()
-        step_size = lr.to(t.dtype) / bc1
-        for name, p in self.params.items():
-            view = (-1,) + (1,) * (p.dim() - 1)  # (N, 1, ...): a per-model scalar
-            on = active.view(view)
-            g = grads[name]
-            m = self.exp_avg[name].lerp(g, 1 - self.beta1)
-            v = self.exp_avg_sq[name] * self.beta2 + (1 - self.beta2) * g * g
-            denom = v.sqrt() / bc2_sqrt.view(view) + self.eps
-            new_p = p - step_size.view(view) * m / denom
-            self.exp_avg[name].copy_(torch.where(on, m, self.exp_avg[name]))
-            self.exp_avg_sq[name].copy_(torch.where(on, v, self.exp_avg_sq[name]))
-            p.copy_(torch.where(on, new_p, p))
+        """One update of every active model: ``lr`` (N,) learning rates, ``active`` (N,) bool. Gradients may
+        have any layout (vmap's weight gradients come back transposed): fused Adam reads each as laid out like
+        its parameter, so they are made contiguous first."""
+        groups: dict[float, list[int]] = {}
+        for i, (rate, on) in enumerate(zip(lr.tolist(), active.tolist())):
+            if on:
+                groups.setdefault(rate, []).append(i)
+        names = list(self.params)
+        for rate, rows in groups.items():
+            pick = functools.partial(_rows_of, rows=rows, names=names)  # views: updated in place
+            counts = [self._counts[i, j] for i in rows for j in range(len(names))]
+            adam(
+                pick(self.params), [g.contiguous() for g in pick(grads)], pick(self.exp_avg), pick(self.exp_avg_sq), [], counts,
+                fused=True, amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=rate, weight_decay=0.0,
+                eps=self.eps, maximize=False,
+            )  # fmt: skip
 
     def member_optimizer(self, i: int, model: nn.Module, lr: float) -> torch.optim.Adam:
         """A ``torch.optim.Adam`` over model i's parameters holding its moments and step count (copies): what
@@ -155,4 +169,4 @@ class StackedAdam:
                 continue
             self.exp_avg[name][i].copy_(st["exp_avg"])
             self.exp_avg_sq[name][i].copy_(st["exp_avg_sq"])
-            self.steps[i] = float(st["step"])
+            self._counts[i] = float(st["step"])

@@ -32,7 +32,7 @@ from fastvae import objective as objectives
 from fastvae._version import __version__
 from fastvae.atomic import atomic_write_bytes
 from fastvae.backends import make_model, set_threads
-from fastvae.batched import ModelStack, StackedAdam, per_model_sq_norm
+from fastvae.batched import ModelStack, StackedAdam, per_model_finite
 from fastvae.config import TrainConfig
 from fastvae.data import DeviceData, load_dataset
 from fastvae.distributed import DistInfo, setup, teardown
@@ -387,7 +387,7 @@ class _Sweep:
         loss, rec, kl = self.stack.terms(x, eps, beta, self.cfg.free_bits)
         loss_mean = loss.mean(1)
         grads = self.stack.gradients(loss_mean, active)
-        finite = torch.isfinite(loss_mean.detach()) & torch.isfinite(per_model_sq_norm(grads))
+        finite = torch.isfinite(loss_mean.detach()) & per_model_finite(grads)
         for i in torch.nonzero(active & ~finite).flatten().tolist():
             what = "loss" if not torch.isfinite(loss_mean[i]) else "gradient"
             self._diverged(i, f"non-finite {what} at step {self.step + 1} (epoch {epoch + 1})")
