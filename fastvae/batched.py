@@ -66,6 +66,9 @@ class ModelStack:
     def __init__(self, models: list[ReferenceVAE]) -> None:
         check_same_architecture(models)
         params, _ = torch.func.stack_module_state(models)  # new leaf tensors, requires_grad
+        # weights (N, out, in) are stored as (N, in, out) in memory: the layout vmap's weight gradients come
+        # in, so fused Adam reads parameters, moments and gradients alike with no copy of the gradients
+        params = {k: _grad_layout(p) for k, p in params.items()}
         self.params: dict[str, Tensor] = params
         with torch.no_grad():
             for i, m in enumerate(models):
@@ -103,6 +106,17 @@ def per_model_finite(grads: dict[str, Tensor]) -> Tensor:
     return torch.isfinite(total)
 
 
+def _grad_layout(p: Tensor) -> Tensor:
+    if p.dim() != 3:
+        return p
+    return p.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(p.requires_grad)
+
+
+def _like(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` laid out in memory as ``p`` is (a copy only when it is not)."""
+    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
 def _rows_of(d: dict[str, Tensor], rows: list[int], names: list[str]) -> list[Tensor]:
     return [d[k][i] for i in rows for k in names]
 
@@ -132,18 +146,19 @@ class StackedAdam:
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor], lr: Tensor, active: Tensor) -> None:
         """One update of every active model: ``lr`` (N,) learning rates, ``active`` (N,) bool. Gradients may
-        have any layout (vmap's weight gradients come back transposed): fused Adam reads each as laid out like
-        its parameter, so they are made contiguous first."""
+        have any layout: fused Adam walks a gradient's memory as its parameter's, so one laid out otherwise is
+        copied into the parameter's layout first (a mismatch silently pairs the wrong elements)."""
         groups: dict[float, list[int]] = {}
         for i, (rate, on) in enumerate(zip(lr.tolist(), active.tolist())):
             if on:
                 groups.setdefault(rate, []).append(i)
         names = list(self.params)
+        grads = {k: _like(grads[k], p) for k, p in self.params.items()}
         for rate, rows in groups.items():
             pick = functools.partial(_rows_of, rows=rows, names=names)  # views: updated in place
             counts = [self._counts[i, j] for i in rows for j in range(len(names))]
             adam(
-                pick(self.params), [g.contiguous() for g in pick(grads)], pick(self.exp_avg), pick(self.exp_avg_sq), [], counts,
+                pick(self.params), pick(grads), pick(self.exp_avg), pick(self.exp_avg_sq), [], counts,
                 fused=True, amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=rate, weight_decay=0.0,
                 eps=self.eps, maximize=False,
             )  # fmt: skip
