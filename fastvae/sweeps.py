@@ -117,7 +117,8 @@ def grid_members(base: TrainConfig, root: Path, betas, seeds, lrs) -> list[Membe
     betas = [base.beta] if betas is None else list(betas)
     seeds = [base.seed] if seeds is None else list(seeds)
     lrs = [base.lr] if lrs is None else list(lrs)
-    combos = list(itertools.product(betas, seeds, lrs))
+    # lr outermost: the models of one lr are consecutive rows, which Adam updates as one slice
+    combos = [(b, s, lr) for lr, b, s in itertools.product(lrs, betas, seeds)]
     if len(combos) > MAX_MODELS:
         raise FastVAEError(f"a sweep of {len(combos)} models: at most {MAX_MODELS} per sweep")
     if len(set(combos)) != len(combos):
