@@ -224,7 +224,7 @@ class _Sweep:
             torch.manual_seed(m.cfg.seed)  # parameter initialization, as fastvae.train
             models.append(make_model(mc, backend="torch", device=self.device))
         self.stack = ModelStack(models)
-        self.adam = StackedAdam(self.stack.params)
+        self.adam = StackedAdam(self.stack.params, row=self.stack.row)
         self.train_data = DeviceData(data.x_train, self.device)
         self.test_data = DeviceData(data.x_test, self.device)
         n = len(self.members)

@@ -42,7 +42,7 @@ def test_stacked_adam_equals_torch_adam_per_model(tiny_config, lrs):
     models = _models(tiny_config, [0, 1, 2])
     refs = _models(tiny_config, [0, 1, 2])
     stack = ModelStack(models)
-    adam = StackedAdam(stack.params)
+    adam = StackedAdam(stack.params, row=stack.row)
     opts = [torch.optim.Adam(r.parameters(), lr=lr, fused=True) for r, lr in zip(refs, lrs)]  # as the trainer
     gen = torch.Generator().manual_seed(5)
     for t in range(6):
@@ -55,7 +55,7 @@ def test_stacked_adam_equals_torch_adam_per_model(tiny_config, lrs):
             if not active[i]:
                 continue
             for name, p in r.named_parameters():
-                p.grad = grads[name][i].clone(memory_format=torch.contiguous_format)
+                p.grad = stack.row(name, grads[name], i).clone(memory_format=torch.contiguous_format)
             opt.step()
     for m, r in zip(models, refs):
         # the same fused kernel, but a row of the stack starts at another alignment than a model's own tensor,
@@ -63,7 +63,8 @@ def test_stacked_adam_equals_torch_adam_per_model(tiny_config, lrs):
         assert _max_diff(m, r) < 1e-6
     assert adam.steps.tolist() == [6, 4, 6]
     for name, p in refs[1].named_parameters():  # the moments of the model switched off after 3 steps
-        torch.testing.assert_close(adam.exp_avg[name][1], opts[1].state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+        moment = stack.row(name, adam.exp_avg[name], 1)
+        torch.testing.assert_close(moment, opts[1].state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
 
 
 def test_stack_terms_equal_each_models_objective(tiny_config):
