@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,11 +46,12 @@ from fastvae.runs import (
     data_digest,
     metrics_record,
     prepare_run_dir,
+    read_run_config,
     restore_metrics,
     write_images,
 )
 from fastvae.schedules import epoch_permutation, kl_beta, sample_ids, scheduled_lr, step_noise
-from fastvae.trainer import _StopSignals
+from fastvae.trainer import RESUME_FIXED, _StopSignals
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "fastvae-sweep/1"
@@ -185,13 +187,27 @@ def check_sweep_fits(n: int, model_cfg, batch_size: int, device: torch.device) -
         )
 
 
+def _check_supported(cfg: TrainConfig) -> None:
+    """Settings of ``fastvae.train`` the batched path does not take: one line each, never ignored silently."""
+    unsupported = {
+        "conditional": cfg.conditional, "time_limit": cfg.time_limit is not None,
+        "images_every": cfg.images_every is not None, "dtype": cfg.dtype != "fp32",
+        "engine": bool(cfg.engine), "cuda_graph": bool(cfg.cuda_graph), "backend": cfg.backend == "triton",
+    }  # fmt: skip
+    for name, given in unsupported.items():
+        if given:
+            raise FastVAEError(
+                f"fastvae sweep does not take {name}={getattr(cfg, name)!r} yet (it trains fp32 reference models, "
+                "unconditional, on the batched path)"
+            )
+
+
 class _Sweep:
     def __init__(self, cfg: TrainConfig, info: DistInfo, stop: _StopSignals, locks: list[Any], grid) -> None:
         """Setup: the grid, the data (one copy for all models), the memory check, the run directories, the
         models (each initialized from its own seed, as ``fastvae.train`` does) and the stacked optimizer."""
         self.cfg, self.info, self.device, self.stop = cfg, info, info.device, stop
-        if cfg.conditional:
-            raise FastVAEError("fastvae sweep does not train conditional VAEs yet")
+        _check_supported(cfg)
         self.root = (
             Path(cfg.out)
             if cfg.out
@@ -267,8 +283,9 @@ class _Sweep:
         live = [i for i, m in enumerate(self.members) if m.status == "training"]
         steps = [self._latest_step(i) if resuming[i] else 0 for i in live]
         common = min(steps) if steps else 0
-        if common == 0:
+        if common == 0:  # a fresh start: nothing of an earlier attempt may be resumed from later
             for i, m in enumerate(self.members):
+                shutil.rmtree(m.out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
                 (m.out / ckpt.METRICS_FILE).unlink(missing_ok=True)
                 ckpt.write_run_config(m.out, self.docs[i])
             self._write_record()
@@ -276,6 +293,7 @@ class _Sweep:
         for i, m in enumerate(self.members):
             if m.status != "training":
                 continue
+            self._check_same_recipe(i)
             opt = self.adam.member_optimizer(i, self.models[i], m.cfg.lr)
             state = ckpt.restore_latest(m.out, self.models[i], opt, at_most=common)
             if state["step"] != common:
@@ -287,6 +305,21 @@ class _Sweep:
             self.epoch_seconds, self.epoch_steps = state["epoch_seconds"], state["epoch_steps"]
         self.step = common
         self.say(f"fastvae: resuming the sweep in {self.root} from step {common}")
+
+    def _check_same_recipe(self, i: int) -> None:
+        """Refuse a resume whose settings or data would not continue model i's recorded run exactly."""
+        m = self.members[i]
+        _, doc = read_run_config(m.out)
+        old, new = doc.get("train", {}), m.cfg.to_dict()
+        fixed = [*RESUME_FIXED, *(("epochs", "max_steps") if m.cfg.lr_schedule != "constant" else ())]
+        changed = [f"{k} {new[k]!r} (the run has {old[k]!r})" for k in fixed if k in old and old[k] != new[k]]
+        if doc.get("data_blake2b") != self.docs[i]["data_blake2b"]:
+            changed.append("data content")
+        if changed:
+            raise FastVAEError(
+                f"{m.out}: --resume with a different {', '.join(changed)}; an exact resume needs the sweep's own "
+                "settings (start a new sweep to change them)"
+            )
 
     def _latest_step(self, i: int) -> int:
         found = ckpt.list_checkpoints(self.members[i].out)

@@ -140,6 +140,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_sweep(tmp_path, tiny_npz, m
         sweep(_cfg(tmp_path, tiny_npz), **grid)
     with pytest.raises(FastVAEError, match="another grid"):
         sweep(_cfg(tmp_path, tiny_npz, resume=True), betas=[1.0], seeds=[2])
+    with pytest.raises(FastVAEError, match="different batch_size 25"):
+        sweep(_cfg(tmp_path, tiny_npz, resume=True, batch_size=25), **grid)
     resumed = sweep(_cfg(tmp_path, tiny_npz, resume=True), **grid)
     for a, b in zip(whole.models, resumed.models):
         assert _max_diff(a, b) == 0  # CPU, the same computation: bit-identical
@@ -195,6 +197,12 @@ def test_bad_grids_get_one_line(tmp_path, tiny_npz, capsys, args, fragment):
     code = main(["sweep", "--data", str(tiny_npz), "--out", str(tmp_path / "x"), "--device", "cpu", *args])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(conditional=True), dict(time_limit=5.0), dict(dtype="bf16")])
+def test_settings_the_sweep_does_not_take_are_refused(tmp_path, tiny_npz, kw):
+    with pytest.raises(FastVAEError, match="fastvae sweep does not take"):
+        sweep(_cfg(tmp_path, tiny_npz, **kw), betas=[1.0])
 
 
 def test_parse_seeds():
