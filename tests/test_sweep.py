@@ -208,3 +208,38 @@ def test_settings_the_sweep_does_not_take_are_refused(tmp_path, tiny_npz, kw):
 def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("5, 0-1") == [5, 0, 1]
+
+
+@pytest.mark.slow  # three processes: ~25 s on the shared 2-core machine
+def test_real_sigterm_lock_and_resume_through_the_cli(tmp_path, tiny_npz):
+    """The process: a second sweep into the same folder is refused by the lock; SIGTERM exits 128 + 15 with the
+    resume line after checkpointing every model; --resume finishes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sw"
+    args = [sys.executable, "-m", "fastvae", "sweep", "--data", str(tiny_npz), "--beta", "1,2", "--epochs", "500",
+            "--batch-size", "50", "--hidden-dims", "16", "--latent-dim", "3", "--device", "cpu", "--quiet",
+            "--checkpoint-every", "3", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FASTVAE_CHECKPOINT_PAUSE": "0.05"}
+    first = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    member = out / "beta2-seed0-lr0.001" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (member.is_dir() and any(p.name.startswith("step-") for p in member.iterdir())):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.1)
+    second = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "another training is writing" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastvae: error: stopped by SIGTERM after step") and "--resume" in last
+    step = int(last.split("after step ")[1].split(";")[0])
+    done = subprocess.run([*args, "--resume", "--max-steps", str(step + 4)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "sweep.json").read_text())
+    assert [m["status"] for m in record["members"]] == ["done", "done"] and record["step"] == step + 4
