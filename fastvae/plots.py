@@ -144,6 +144,7 @@ def rate_distortion(rows: list[dict], out: str | Path) -> None:
     ys = np.array([r["test_kl"] + r["test_rec"] for r in done] or [0.0])
     for e in np.unique(np.round(np.quantile(ys, [0.0, 0.5]), 1)):  # lines of equal -ELBO: rate + distortion
         ax.plot([lo, hi], [e - lo, e - hi], "k:", lw=0.8)
+        ax.annotate(f"-ELBO {e:g}", (lo, e - lo), fontsize=7, ha="left", va="bottom")
     ax.set_xlabel("rate: test KL(q(z|x) || p(z)), nats")
     ax.set_ylabel("distortion: test -log p(x|z), nats")
     ax.set_title(f"rate-distortion of {len(done)} models (dotted: equal -ELBO)", fontsize=10)

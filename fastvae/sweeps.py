@@ -551,16 +551,12 @@ SUMMARY_COLUMNS = ("name", "beta", "seed", "lr", "status", "step", "test_neg_elb
                    "active_units")  # fmt: skip
 
 
-def _cell(v: Any) -> str:
+def _cell(column: str, v: Any) -> str:
     if v is None:
         return "-"
-    return (
-        f"{v:.3f}"
-        if isinstance(v, float) and not float(v).is_integer()
-        else f"{v:g}"
-        if isinstance(v, float)
-        else str(v)
-    )
+    if column.startswith("test_"):
+        return f"{v:.3f}"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def write_summary(root: Path, rows: list[dict[str, Any]]) -> None:
@@ -572,5 +568,5 @@ def write_summary(root: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(root / "summary.csv", buf.getvalue().encode())
     head = ["model", "beta", "seed", "lr", "status", "step", "test -ELBO", "rec", "KL", "active units"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
     atomic_write_bytes(root / "summary.md", ("\n".join(lines) + "\n").encode())
