@@ -149,11 +149,7 @@ def sweep(
     info = None
     try:
         set_threads(cfg.threads)
-        info = setup(cfg.device)
-        if info.enabled:
-            raise FastVAEError(
-                "fastvae sweep runs in a single process (torchrun splitting is not supported yet)"
-            )
+        info = setup(cfg.device)  # under torchrun, each rank trains its share of the grid (no gradient traffic)
         locks: list[Any] = []
         try:
             with _StopSignals() as stop:
@@ -213,7 +209,10 @@ class _Sweep:
             if cfg.out
             else Path("runs") / f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        self.members = grid_members(cfg, self.root, *grid)
+        self.grid = grid_members(cfg, self.root, *grid)
+        self.members = self.grid[info.rank :: info.world_size]  # this rank's models (all of them in one process)
+        if not self.members:
+            raise FastVAEError(f"{info.world_size} ranks for {len(self.grid)} models: use at most one rank per model")
         data = load_dataset(cfg.data, cfg.model_config().likelihood, image_size=cfg.image_size,
                             grayscale=cfg.grayscale, progress=cfg.progress)  # fmt: skip
         self.model_cfgs = [m.cfg.model_config(data.data_shape, 0) for m in self.members]
@@ -231,7 +230,7 @@ class _Sweep:
         digest = data_digest(data, False)
         self.docs, resuming = [], []
         for m, mc in zip(self.members, self.model_cfgs):
-            _, again = prepare_run_dir(m.cfg, info, locks)
+            _, again = prepare_run_dir(m.cfg, DistInfo(device=self.device), locks)  # this rank's own model
             resuming.append(again)
             self.docs.append({"model": mc.to_dict(), "train": m.cfg.to_dict(), "fastvae_version": __version__,
                               "data_blake2b": digest})  # fmt: skip
@@ -263,18 +262,24 @@ class _Sweep:
                 f"{root}: already holds a sweep; continue it with resume=True (--resume), replace it with "
                 "overwrite=True (--overwrite), or choose another out"
             )
-        root.mkdir(parents=True, exist_ok=True)
-        locks.append(_lock(root))
+        self.info.barrier()  # every rank has looked before rank 0 writes anything
+        if self.info.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            locks.append(_lock(root))
         if cfg.resume and record.exists():
             old = ckpt.read_json(record, "sweep record")
             names = [m["name"] for m in old.get("members", [])] if isinstance(old, dict) else None
-            if names != [m.name for m in self.members]:
+            if names != [m.name for m in self.grid]:
                 raise FastVAEError(
-                    f"{record}: --resume with another grid ({len(names or [])} models recorded, {len(self.members)} "
+                    f"{record}: --resume with another grid ({len(names or [])} models recorded, {len(self.grid)} "
                     "asked for); an exact resume needs the sweep's own --beta/--seeds/--lr"
                 )
-            for m, rec in zip(self.members, old["members"]):
+            for m, rec in zip(self.grid, old["members"]):
                 m.status, m.message = rec.get("status", "training"), rec.get("message", "")
+        for m in self.members if cfg.resume else ():  # under torchrun only the end updates sweep.json: a
+            doc = ckpt.read_json(m.out / ckpt.CONFIG_FILE, "run config") if (m.out / ckpt.CONFIG_FILE).exists() else {}
+            if isinstance(doc, dict) and doc.get("diverged"):  # model's own config records its divergence
+                m.status, m.message = "diverged", str(doc["diverged"])
 
     def _start(self, resuming: list[bool]) -> None:
         """Fresh: write every config.json. Resumed: restore every model at the newest step that all the
@@ -326,14 +331,18 @@ class _Sweep:
         return int(found[-1].name.split("-")[1]) if found else 0
 
     def say(self, line: str) -> None:
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(f"[rank {self.info.rank}] {line}" if self.info.enabled else line, file=sys.stderr)
 
     def _write_record(self) -> None:
+        """sweep.json (rank 0): the grid and each model's status (under torchrun, other ranks' models are
+        brought up to date at the end)."""
+        if not self.info.is_main:
+            return
         doc = {
             "format": SWEEP_FORMAT,
             "fastvae_version": __version__,
             "grid": {
-                f: sorted({getattr(m.cfg, f) for m in self.members}, key=lambda v: (v is None, v or 0))
+                f: sorted({getattr(m.cfg, f) for m in self.grid}, key=lambda v: (v is None, v or 0))
                 for f in GRID_FIELDS
             },  # fmt: skip
             "train": {k: v for k, v in self.cfg.to_dict().items() if k not in GRID_FIELDS},
@@ -347,8 +356,9 @@ class _Sweep:
                     "status": m.status,
                     "message": m.message,
                 }
-                for m in self.members
+                for m in self.grid
             ],  # fmt: skip
+            "ranks": self.info.world_size,
         }
         ckpt.atomic_write_json(self.root / SWEEP_FILE, doc)
 
@@ -520,8 +530,30 @@ class _Sweep:
             final = self.metrics[i][-1]["test_neg_elbo"] if self.metrics[i] else None
             ckpt.write_weights(m.out, self.models[i], {**self.docs[i], "final_test_neg_elbo": final})
             write_images(self.models[i], self.test_data, m.out, m.cfg.seed, self.cfg.binarize)
+        rows = self._gather_rows(self.summary_rows())
         self._write_record()
-        rows = self.summary_rows()
+        if self.info.is_main:
+            self._write_summary(rows)
+        if all(r["status"] == "diverged" for r in rows):
+            raise FastVAEError(f"every model of the sweep in {self.root} diverged; see its sweep.json")
+        return SweepResult(self.root, rows, self.models, self.step)
+
+    def _gather_rows(self, own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every rank's summary rows, in grid order (the one collective of a sweep under torchrun); the
+        grid's statuses are brought up to date from them."""
+        if not self.info.enabled:
+            return own
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(parts, own)
+        by_name = {r["name"]: r for part in parts for r in part}
+        for m in self.grid:
+            m.status = by_name[m.name]["status"]
+            m.message = by_name[m.name].get("message", "")
+        return [by_name[m.name] for m in self.grid]
+
+    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
         write_summary(self.root, rows)
         if any(r["test_neg_elbo"] is not None for r in rows):
             try:
@@ -530,9 +562,6 @@ class _Sweep:
                 rate_distortion(rows, self.root / "rate-distortion.png")
             except FastVAEError as exc:  # matplotlib missing: the table is still there
                 self.say(f"fastvae: no rate-distortion plot ({exc})")
-        if all(m.status == "diverged" for m in self.members):
-            raise FastVAEError(f"every model of the sweep in {self.root} diverged; see its sweep.json")
-        return SweepResult(self.root, rows, self.models, self.step)
 
     def summary_rows(self) -> list[dict[str, Any]]:
         rows = []

@@ -243,3 +243,33 @@ def test_real_sigterm_lock_and_resume_through_the_cli(tmp_path, tiny_npz):
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "sweep.json").read_text())
     assert [m["status"] for m in record["members"]] == ["done", "done"] and record["step"] == step + 4
+
+
+@pytest.mark.slow  # torchrun with 2 ranks and a single-process reference: ~30 s on the shared 2-core machine
+def test_torchrun_splits_the_models_over_ranks(tmp_path, tiny_npz):
+    """Two ranks train the grid's models round-robin with no gradient traffic: each model ends as in one
+    process (up to the rounding of its stack's size), and rank 0 writes one sweep.json and summary."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["sweep", "--data", str(tiny_npz), "--beta", "0.5,1,4", "--epochs", "1", "--batch-size", "50",
+              "--hidden-dims", "16", "--latent-dim", "3", "--device", "cpu", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "fastvae", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastvae",
+           *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "[rank 1]" in two.stderr
+    record = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert record["ranks"] == 2 and [m["status"] for m in record["members"]] == ["done"] * 3
+    assert len(list(csv.DictReader((tmp_path / "two" / "summary.csv").open()))) == 3
+    for m in record["members"]:
+        a = load_file(tmp_path / "one" / m["name"] / "model.safetensors")
+        b = load_file(tmp_path / "two" / m["name"] / "model.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < PARITY_ATOL
