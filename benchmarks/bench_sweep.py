@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{doc['cpu']} ({', '.join(doc['flags'])}), {a.threads} thread(s), {a.preset} batch {cfg.batch_size}, "
           f"clock {clock.__name__}")  # fmt: skip
-    print(f"{'N':>4} {'sweep step s':>13} {'sweep models*steps/s':>21} {'N x train models*steps/s':>25} {'speedup':>8}")
+    print(
+        f"{'N':>4} {'sweep step s':>13} {'sweep models*steps/s':>21} {'N x train models*steps/s':>25} {'speedup':>8}"
+    )
     for r in rows:
         print(f"{r['n']:>4} {r['sweep_step_s']:>13.4f} {r['sweep_model_steps_per_s']:>21.1f} "
               f"{r['sequential_model_steps_per_s']:>25.1f} {r['speedup']:>7.2f}x")  # fmt: skip

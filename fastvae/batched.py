@@ -80,7 +80,9 @@ class ModelStack:
         with torch.no_grad():
             for i, m in enumerate(models):
                 for name, p in m.named_parameters():
-                    p.data = self.row(name, params[name].data, i)  # the module reads (and a load writes) the stack
+                    p.data = self.row(
+                        name, params[name].data, i
+                    )  # the module reads (and a load writes) the stack
         self.models = models
         self.n = len(models)
         base = copy.deepcopy(models[0]).to("meta")  # the shape of the computation, holding no weights
@@ -181,7 +183,9 @@ class StackedAdam:
                 continue
             pick = functools.partial(_rows_of, rows=rows, names=names)  # views: updated in place
             counts = [self._counts[i, j] for i in rows for j in range(len(names))]
-            self._adam(pick(self.params), pick(grads), pick(self.exp_avg), pick(self.exp_avg_sq), counts, rate)
+            self._adam(
+                pick(self.params), pick(grads), pick(self.exp_avg), pick(self.exp_avg_sq), counts, rate
+            )
 
     def _adam(self, params, grads, exp_avgs, exp_avg_sqs, counts, lr: float) -> None:
         adam(params, grads, exp_avgs, exp_avg_sqs, [], counts, fused=True, amsgrad=False, beta1=self.beta1,

@@ -149,7 +149,9 @@ def sweep(
     info = None
     try:
         set_threads(cfg.threads)
-        info = setup(cfg.device)  # under torchrun, each rank trains its share of the grid (no gradient traffic)
+        info = setup(
+            cfg.device
+        )  # under torchrun, each rank trains its share of the grid (no gradient traffic)
         locks: list[Any] = []
         try:
             with _StopSignals() as stop:
@@ -210,9 +212,13 @@ class _Sweep:
             else Path("runs") / f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         self.grid = grid_members(cfg, self.root, *grid)
-        self.members = self.grid[info.rank :: info.world_size]  # this rank's models (all of them in one process)
+        self.members = self.grid[
+            info.rank :: info.world_size
+        ]  # this rank's models (all of them in one process)
         if not self.members:
-            raise FastVAEError(f"{info.world_size} ranks for {len(self.grid)} models: use at most one rank per model")
+            raise FastVAEError(
+                f"{info.world_size} ranks for {len(self.grid)} models: use at most one rank per model"
+            )
         data = load_dataset(cfg.data, cfg.model_config().likelihood, image_size=cfg.image_size,
                             grayscale=cfg.grayscale, progress=cfg.progress)  # fmt: skip
         self.model_cfgs = [m.cfg.model_config(data.data_shape, 0) for m in self.members]
@@ -277,7 +283,11 @@ class _Sweep:
             for m, rec in zip(self.grid, old["members"]):
                 m.status, m.message = rec.get("status", "training"), rec.get("message", "")
         for m in self.members if cfg.resume else ():  # under torchrun only the end updates sweep.json: a
-            doc = ckpt.read_json(m.out / ckpt.CONFIG_FILE, "run config") if (m.out / ckpt.CONFIG_FILE).exists() else {}
+            doc = (
+                ckpt.read_json(m.out / ckpt.CONFIG_FILE, "run config")
+                if (m.out / ckpt.CONFIG_FILE).exists()
+                else {}
+            )
             if isinstance(doc, dict) and doc.get("diverged"):  # model's own config records its divergence
                 m.status, m.message = "diverged", str(doc["diverged"])
 

@@ -93,7 +93,9 @@ def test_each_model_follows_its_single_train_run(tmp_path, tiny_npz):
     result = sweep(_cfg(tmp_path, tiny_npz, **kw), betas=[0.5, 2.0], seeds=[0, 1], lrs=[3e-3])
     assert [r["status"] for r in result.rows] == ["done"] * 4
     for j, (beta, seed) in enumerate([(0.5, 1), (2.0, 0)]):
-        single = train(_cfg(tmp_path, tiny_npz, beta=beta, seed=seed, lr=3e-3, out=str(tmp_path / f"one{j}"), **kw))
+        single = train(
+            _cfg(tmp_path, tiny_npz, beta=beta, seed=seed, lr=3e-3, out=str(tmp_path / f"one{j}"), **kw)
+        )
         i = next(i for i, r in enumerate(result.rows) if (r["beta"], r["seed"]) == (beta, seed))
         assert _max_diff(single.model, result.models[i]) < PARITY_ATOL
         assert result.rows[i]["test_neg_elbo"] == pytest.approx(single.metrics[-1]["test_neg_elbo"], abs=1e-3)
