@@ -155,8 +155,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         lrs=None if a.lrs is None else parse_values(a.lrs, "--lr"),
     )
     result = sweep(train_config_from_args(a), **grid)
-    done = sum(r["status"] == "done" for r in result.rows)
-    print(f"{done} of {len(result.rows)} models trained for {result.step} steps; summary in {result.out / 'summary.md'}")
+    done, summary = sum(r["status"] == "done" for r in result.rows), result.out / "summary.md"
+    print(f"{done} of {len(result.rows)} models trained for {result.step} steps; summary in {summary}")
     return 0
 
 
