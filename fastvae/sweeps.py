@@ -111,7 +111,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def member_name(beta: float | None, seed: int, lr: float) -> str:
-    return f"beta{'default' if beta is None else f'{beta:g}'}-seed{seed}-lr{lr:g}"
+    """The model's folder name, e.g. ``beta4-seed0-lr0.001`` (no beta part when the preset's is kept)."""
+    return f"{'' if beta is None else f'beta{beta:g}-'}seed{seed}-lr{lr:g}"
 
 
 def grid_members(base: TrainConfig, root: Path, betas, seeds, lrs) -> list[Member]:

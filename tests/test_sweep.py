@@ -103,6 +103,19 @@ def test_each_model_follows_its_single_train_run(tmp_path, tiny_npz):
         assert _max_diff(member, result.models[i]) == 0
 
 
+@pytest.mark.parametrize(
+    "kw", [dict(objective="iwae", k=3), dict(likelihood="gaussian", free_bits=0.1), dict(model="ae")]
+)
+def test_other_objectives_follow_their_single_runs(tmp_path, tiny_npz, kw):
+    grid = dict(seeds=[0, 1]) if kw.get("model") == "ae" else dict(betas=[0.5, 1.0], seeds=[1])
+    result = sweep(_cfg(tmp_path, tiny_npz, epochs=1, **kw), **grid)
+    single = train(_cfg(tmp_path, tiny_npz, epochs=1, seed=1, out=str(tmp_path / "one"), **kw,
+                        **({} if kw.get("model") == "ae" else dict(beta=1.0))))  # fmt: skip
+    assert _max_diff(single.model, result.models[1]) < PARITY_ATOL
+    line = json.loads((result.out / result.rows[1]["name"] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["train_loss"] == pytest.approx(single.metrics[-1]["train_loss"], rel=1e-5)
+
+
 def test_sweep_folder_and_commands_on_a_member(tmp_path, tiny_npz, capsys):
     out = tmp_path / "sw"
     code = main(["sweep", "--data", str(tiny_npz), "--beta", "0.5,4", "--seeds", "0-1", "--lr", "1e-3",
