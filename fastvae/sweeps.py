@@ -436,8 +436,9 @@ class _Sweep:
         beta = torch.tensor(
             [kl_beta(self.warmup, mc.beta, self.step) for mc in self.model_cfgs], device=self.device
         )
+        # float64: Adam gets each lr as the exact Python float the single-model trainer gives it
         lr = torch.tensor([scheduled_lr(m.cfg, self.step, self.planned_steps) for m in self.members],
-                          device=self.device)  # fmt: skip
+                          dtype=torch.float64)  # fmt: skip
         active = self._active()
         loss, rec, kl = self.stack.terms(x, eps, beta, self.cfg.free_bits)
         loss_mean = loss.mean(1)
