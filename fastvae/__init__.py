@@ -21,6 +21,7 @@ _LAZY = {
     "FusedVAE": "fastvae.fused",
     "TrainConfig": "fastvae.config",
     "train": "fastvae.trainer",
+    "sweep": "fastvae.sweeps",
     "load_model": "fastvae.runs",
     "save_model": "fastvae.runs",
     "load_dataset": "fastvae.data",
@@ -51,4 +52,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastvae.fused import FusedVAE
     from fastvae.model import ReferenceVAE
     from fastvae.runs import load_model, save_model
+    from fastvae.sweeps import sweep
     from fastvae.trainer import train

@@ -384,10 +384,16 @@ def check_optimizer_progress(opt_sd: dict[str, Any], n_params: int, step: int, s
             )
 
 
-def restore_latest(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load the newest checkpoint that verifies; older ones are tried if the newest is broken."""
+def restore_latest(
+    run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, *, at_most: int | None = None
+) -> dict[str, Any]:
+    """Load the newest checkpoint that verifies; older ones are tried if the newest is broken. ``at_most``:
+    only checkpoints of that step or earlier (a sweep resumes all its models at one common step)."""
     errors = []
-    for path in reversed(list_checkpoints(run_dir)):
+    paths = list_checkpoints(run_dir)
+    if at_most is not None:
+        paths = [p for p in paths if int(p.name.split("-")[1]) <= at_most]
+    for path in reversed(paths):
         try:
             model_t, opt_sd, state = load_checkpoint(path)
             load_state_into(model, model_t, path / WEIGHTS_FILE)

@@ -146,6 +146,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from fastvae.sweeps import parse_seeds, parse_values, sweep
+
+    grid = dict(
+        betas=None if a.betas is None else parse_values(a.betas, "--beta"),
+        seeds=None if a.seeds is None else parse_seeds(a.seeds),
+        lrs=None if a.lrs is None else parse_values(a.lrs, "--lr"),
+    )
+    result = sweep(train_config_from_args(a), **grid)
+    done, summary = sum(r["status"] == "done" for r in result.rows), result.out / "summary.md"
+    print(f"{done} of {len(result.rows)} models trained for {result.step} steps; summary in {summary}")
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from fastvae.workflows import evaluate_run
 
@@ -332,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_run_commands(sub)
     _add_disentangle(sub)
+    _add_sweep(sub)
     return p
 
 
@@ -764,6 +779,49 @@ def _join_negative_values(argv: list[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def _add_sweep(sub) -> None:
+    from fastvae import config as c
+
+    t = sub.add_parser("sweep", help="train a grid of VAEs (beta x seeds x lr) as one batched computation")
+    d = {f.name: f.default for f in dataclasses.fields(c.TrainConfig)}
+
+    def opt(flag: str, **kw) -> None:
+        t.add_argument(flag, default=d[flag.lstrip("-").replace("-", "_")], **kw)
+
+    t.add_argument("--beta", dest="betas", help="KL weights, e.g. 0.25,0.5,1,2,4,8 (default: the preset's)")
+    t.add_argument("--seeds", help="seeds, e.g. 0-3 or 0,5,7 (default: 0)")
+    t.add_argument("--lr", dest="lrs", help=f"Adam learning rates, e.g. 1e-3,3e-4 (default: {d['lr']:g})")
+    opt("--preset", help=" | ".join(c.PRESETS))
+    opt("--data", help="'mnist' (bundled), a .npy/.npz file, or a folder of images")
+    opt("--image-size", type=_dims, help="a folder of images: resize each to H,W (or H: square)")
+    opt("--grayscale", action="store_true", help="a folder of images: read as greyscale")
+    opt("--threads", type=_int_at_least(1), help=_THREADS_HELP)
+    opt("--epochs", type=_int_at_least(1), help=f"training epochs (default: {d['epochs']})")
+    opt("--batch-size", type=_int_at_least(1), help="every model's batch (default: the preset's)")
+    opt("--lr-schedule", choices=c.LR_SCHEDULES)
+    opt("--device", help="auto | cpu | cuda")
+    opt("--out", help="the sweep's folder (default: runs/sweep-<preset>-<time>)")
+    opt("--binarize", action=argparse.BooleanOptionalAction, help="dynamic binarization (default: the preset's)")
+    opt("--max-steps", type=_int_at_least(1), help="stop after N optimizer steps")
+    opt("--checkpoint-every", type=_int_at_least(1), help="steps")
+    opt("--keep-checkpoints", type=_int_at_least(1))
+    opt("--resume", action="store_true", help="continue the sweep in --out exactly")
+    opt("--overwrite", action="store_true", help="replace the sweep in --out")
+    opt("--kl-warmup-steps", type=_int_at_least(0), help="beta rises linearly over N steps")
+    opt("--kl-warmup-epochs", type=_int_at_least(0), help="... or over N epochs")
+    opt("--free-bits", type=_float_range(0.0), help="per-dimension KL floor, nats")
+    opt("--hidden-dims", type=_dims, help="e.g. 400 or 200,200 (default: the preset's)")
+    opt("--latent-dim", type=_int_at_least(1), help="default: the preset's")
+    opt("--activation", choices=c.ACTIVATIONS, help="default: the preset's")
+    opt("--likelihood", choices=c.LIKELIHOODS, help="default: the preset's")
+    opt("--model", choices=c.MODELS, help="vae, or ae (default: vae)")
+    opt("--objective", choices=c.OBJECTIVES, help="elbo or iwae (default: the preset's)")
+    opt("--k", type=_int_at_least(1, c.MAX_SAMPLES), help="latent samples per training row")
+    opt("--eval-batch-size", type=_int_at_least(1))
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_sweep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,14 +23,23 @@ def available_bytes() -> int:
         return 1 << 40
 
 
-def check_fits(nbytes: int, what: str, hint: str = "", device=None) -> None:
-    """Raise FastVAEError when ``nbytes`` exceed the memory available now (on ``device`` if CUDA)."""
+def free_bytes(device=None) -> int:
+    """Memory free now: on ``device`` if it is a CUDA device, else this process's (:func:`available_bytes`)."""
     if device is not None and getattr(device, "type", device) == "cuda":
         import torch
 
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = available_bytes()
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for a message: "512 B", "1.5 GB"."""
+    return _human(n)
+
+
+def check_fits(nbytes: int, what: str, hint: str = "", device=None) -> None:
+    """Raise FastVAEError when ``nbytes`` exceed the memory available now (on ``device`` if CUDA)."""
+    free = free_bytes(device)
     if nbytes > free:
         extra = f"; {hint}" if hint else ""
         raise FastVAEError(

@@ -124,3 +124,31 @@ def traversal_figure(
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def rate_distortion(rows: list[dict], out: str | Path) -> None:
+    """KL (rate) against reconstruction NLL (distortion), one point per model, coloured by beta (Alemi et al.,
+    2018, "Fixing a Broken ELBO"); ``rows``: a sweep's summary rows (test_kl, test_rec, beta, status)."""
+    plt = _pyplot()
+    done = [r for r in rows if r.get("test_kl") is not None and r.get("test_rec") is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    betas = sorted({r["beta"] for r in done})
+    cmap = plt.cm.viridis
+    for j, b in enumerate(betas):
+        pts = [r for r in done if r["beta"] == b]
+        colour = cmap(j / max(len(betas) - 1, 1))
+        ax.scatter([r["test_kl"] for r in pts], [r["test_rec"] for r in pts], s=36, color=colour,
+                   label=f"beta {b:g}", edgecolors="k", linewidths=0.4)  # fmt: skip
+    xs = np.array([r["test_kl"] for r in done] or [0.0])
+    lo, hi = 0.0, float(xs.max()) * 1.05 + 1e-9
+    ys = np.array([r["test_kl"] + r["test_rec"] for r in done] or [0.0])
+    for e in np.unique(np.round(np.quantile(ys, [0.0, 0.5]), 1)):  # lines of equal -ELBO: rate + distortion
+        ax.plot([lo, hi], [e - lo, e - hi], "k:", lw=0.8)
+        ax.annotate(f"-ELBO {e:g}", (lo, e - lo), fontsize=7, ha="left", va="bottom")
+    ax.set_xlabel("rate: test KL(q(z|x) || p(z)), nats")
+    ax.set_ylabel("distortion: test -log p(x|z), nats")
+    ax.set_title(f"rate-distortion of {len(done)} models (dotted: equal -ELBO)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
