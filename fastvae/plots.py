@@ -152,3 +152,27 @@ def rate_distortion(rows: list[dict], out: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def disentanglement_against_beta(rows: list[dict], out: str | Path) -> None:
+    """A beta sweep on data with known factors: MIG and SAP (left axis) and the reconstruction NLL (right
+    axis) against beta, one point per model; ``rows``: the sweep's summary rows (beta, mig, sap, test_rec)."""
+    plt = _pyplot()
+    done = sorted((r for r in rows if r.get("mig") is not None), key=lambda r: r["beta"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    betas = [r["beta"] for r in done]
+    ax.scatter(betas, [r["mig"] for r in done], color="C0", label="MIG", edgecolors="k", linewidths=0.4)
+    ax.scatter(betas, [r["sap"] for r in done], color="C1", marker="s", label="SAP", edgecolors="k", linewidths=0.4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("beta")
+    ax.set_ylabel("disentanglement score")
+    rec = ax.twinx()
+    rec.scatter(betas, [r["test_rec"] for r in done], color="C2", marker="^", label="reconstruction")
+    rec.set_ylabel("test -log p(x|z), nats")
+    handles = ax.get_legend_handles_labels()
+    more = rec.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper left")
+    ax.set_title(f"MIG, SAP and reconstruction against beta ({len(done)} models)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
