@@ -71,6 +71,19 @@ def split_k_from(monkeypatch, rows):
     monkeypatch.setattr(heuristics, "WGRAD_MIN_ROWS_PER_SPLIT", rows)
 
 
+def assert_loss_and_gradients_match(ref, fused, x, eps) -> None:
+    """The fused per-sample loss and every parameter gradient equal the float64 reference's, under a
+    non-uniform grad_output (it reaches every row scale)."""
+    g = torch.rand(len(x))
+    loss = fused.negative_elbo(x.to(DEVICE), eps.to(DEVICE))
+    (loss * g.to(DEVICE)).sum().backward()
+    ref_loss = ref.negative_elbo(x.double(), eps.double())
+    (ref_loss * g.double()).sum().backward()
+    assert rel(loss, ref_loss) < TOL[torch.float32]
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert rel(p.grad, q.grad) < TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("cfg", [ODD, ODD_TANH_2], ids=["relu-1layer", "tanh-2layers"])
 @pytest.mark.parametrize("batch", [37, pytest.param(600, marks=pytest.mark.slow)], ids=["B37", "B600-splitK"])
 def test_fused_objective_and_all_gradients_equal_the_reference(cfg, batch, monkeypatch):
@@ -82,14 +95,7 @@ def test_fused_objective_and_all_gradients_equal_the_reference(cfg, batch, monke
     x = torch.rand(batch, 50)
     x[:, :10] = x[:, :10].round()  # some exact 0/1 pixels
     eps = torch.randn(batch, 5)
-    g = torch.rand(batch)  # a non-uniform grad_output reaches every row scale
-    loss = fused.negative_elbo(x.to(DEVICE), eps.to(DEVICE))
-    (loss * g.to(DEVICE)).sum().backward()
-    ref_loss = ref.negative_elbo(x.double(), eps.double())
-    (ref_loss * g.double()).sum().backward()
-    assert rel(loss, ref_loss) < TOL[torch.float32]
-    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
-        assert rel(p.grad, q.grad) < TOL[torch.float32], name
+    assert_loss_and_gradients_match(ref, fused, x, eps)
 
 
 @pytest.mark.parametrize("batch", [37, pytest.param(600, marks=pytest.mark.slow)], ids=["B37-64x64", "B600-128x128-splitK"])
